@@ -1,0 +1,255 @@
+"""Evaluation: does the model get better? Three numbers on held-out data.
+
+- `eval/ce_loss`: validation cross-entropy of the ground-truth completion given the prompt
+  (per token, the prompt rendered exactly as in training).
+- `eval/cfm_loss`: the feature-matching loss EBFT minimises, ||mean_j φ(ŷ_j) − φ(y*)||², with
+  n samples per held-out prompt and features from the frozen base (same layers and pooling as
+  training); `eval/alignment` (mean cosine) rides along.
+- `eval/pass@1`: for HumanEval-style rows (with `test` and `entry_point`), the greedy completion
+  is run against the task's tests in the sandbox (`sandbox.py`): a program that fails, loops or
+  misbehaves counts as failed.
+
+Held-out rows come from `test_datasets` (raw rows, before any training transform: `input/output`,
+`prompt/ground_truth` or chat `messages`). Results are appended as an `eval` record to
+`output_dir/metrics.jsonl` (so `ebft watch` and the TUI show them) and per task to
+`output_dir/eval.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+
+@dataclass
+class EvalRow:
+    prompt: str | list[dict]
+    ground_truth: str
+    code_prompt: str | None = None  # HumanEval: the function header the completion continues
+    test: str | None = None
+    entry_point: str | None = None
+    task_id: str | None = None
+
+
+def to_eval_row(raw: dict[str, Any], index: int, source: str) -> EvalRow:
+    """Map a raw held-out row to prompt / ground truth (+ tests when it is a code task)."""
+    if "input" in raw and "output" in raw:
+        prompt, gt = raw["input"], raw["output"]
+    elif "prompt" in raw and "ground_truth" in raw:
+        prompt, gt = raw["prompt"], raw["ground_truth"]
+    elif "messages" in raw:
+        messages = list(raw["messages"])
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None:
+            raise ValueError(f"{source} row {index}: `messages` has no assistant turn to evaluate against")
+        prompt, gt = messages[:last], messages[last]["content"]
+    else:
+        raise ValueError(
+            f"{source} row {index}: eval needs `input`/`output`, `prompt`/`ground_truth` or `messages`; "
+            f"found {sorted(raw)}"
+        )
+    return EvalRow(prompt=prompt, ground_truth=str(gt), code_prompt=raw.get("prompt") if "test" in raw else None,
+                   test=raw.get("test"), entry_point=raw.get("entry_point"), task_id=raw.get("task_id"))
+
+
+_FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
+
+
+def extract_program(code_prompt: str, completion: str, entry_point: str) -> str:
+    """The code to test: a whole function if the model wrote one (fenced or not), else the
+    task's header followed by the completion as its body (HumanEval's own convention)."""
+    fenced = _FENCE.search(completion)
+    code = fenced.group(1) if fenced else completion
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+        # keep the header's imports and helper functions, then the model's definition overrides
+        return f"{code_prompt}\n    pass\n\n{code}\n"
+    if code and not code.startswith((" ", "\t")):
+        code = "\n".join("    " + line if line.strip() else line for line in code.splitlines())
+    return f"{code_prompt}{code}\n"
+
+
+@torch.no_grad()
+def validation_ce(model, tokenizer, rows: list[EvalRow], chat_kwargs: dict, device) -> float:
+    """Per-token CE of the ground truth (and EOS) given the rendered prompt."""
+    from ebft_engine.data import encode_text, render_prompt_ids
+
+    total, count = 0.0, 0
+    for row in rows:
+        p = render_prompt_ids(tokenizer, row.prompt, chat_kwargs)
+        g = encode_text(tokenizer, row.ground_truth) + [tokenizer.eos_token_id]
+        ids = torch.tensor([p + g], device=device)
+        logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
+        targets = ids[0, len(p):]
+        total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+        count += len(g)
+    return total / max(count, 1)
+
+
+def _strip_stop(ids: list[int], stop_ids: set[int], pad_id: int | None) -> list[int]:
+    out = list(ids)
+    while out and (out[-1] in stop_ids or out[-1] == pad_id):
+        out.pop()
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[int], *, n: int, max_new_tokens: int, temperature: float,
+             device, seed: int) -> list[list[int]]:
+    """n completions (token ids, stop tokens stripped) of one prompt; greedy when temperature is 0."""
+    torch.manual_seed(seed)
+    ids = torch.tensor([prompt_ids], device=device)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=n)
+    else:
+        kwargs.update(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    stops = {tokenizer.eos_token_id}
+    return [_strip_stop(seq[len(prompt_ids):].tolist(), stops, tokenizer.pad_token_id) for seq in out]
+
+
+@torch.no_grad()
+def feature_matching(model, tokenizer, rows: list[EvalRow], cfg, device, *, n: int, temperature: float,
+                     max_new_tokens: int, seed: int) -> tuple[float, float]:
+    """Mean CFM loss and mean alignment over held-out prompts (features from the frozen base)."""
+    from ebft_engine.data import encode_text, render_prompt_ids
+    from ebft_engine.features import feature_layer_indices, frozen_feature_model, num_decoder_layers, pool, token_features
+    from ebft_engine.rewards import compute_rewards
+
+    chat_kwargs = _chat_kwargs(cfg)
+    layers = feature_layer_indices(list(cfg.ebft.feature_layers), num_decoder_layers(model))
+    cfms, aligns = [], []
+    for k, row in enumerate(rows):
+        p = render_prompt_ids(tokenizer, row.prompt, chat_kwargs)
+        g = encode_text(tokenizer, row.ground_truth)
+        budget = max(1, min(max_new_tokens, math.ceil(len(g) * float(cfg.ebft.gt_length_multiplier))))
+        samples = generate(model, tokenizer, p, n=n, max_new_tokens=budget, temperature=temperature,
+                           device=device, seed=seed + k)
+        seqs = [p + s for s in samples] + [p + g]
+        T = max(len(s) for s in seqs)
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.full((len(seqs), T), pad, dtype=torch.long, device=device)
+        real = torch.zeros((len(seqs), T), dtype=torch.bool, device=device)
+        comp = torch.zeros_like(real)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, device=device)
+            real[i, : len(s)] = True
+            comp[i, len(p): len(s)] = True
+        with frozen_feature_model(model) as fm:
+            feats = token_features(fm, ids, attention_mask=real.long(), layer_indices=layers)
+        pooled = pool(feats, real, cfg.ebft.embed_method, comp)
+        out = compute_rewards(pooled[:-1].unsqueeze(0), pooled[-1:], alignment_coef=1.0, diversity_coef=0.0,
+                              use_whitening=False)
+        cfms.append(float(out.cfm.mean()))
+        aligns.append(float(out.alignment.mean()))
+    return sum(cfms) / max(len(cfms), 1), sum(aligns) / max(len(aligns), 1)
+
+
+def pass_at_1(model, tokenizer, rows: list[EvalRow], cfg, device, *, max_new_tokens: int,
+              timeout_s: float) -> tuple[float | None, list[dict]]:
+    """Greedy pass@1 over the rows that carry tests; None when no row does."""
+    from ebft_engine.data import render_prompt_ids
+    from ebft_engine.sandbox import run_program
+
+    tasks = [r for r in rows if r.test and r.entry_point and r.code_prompt is not None]
+    if not tasks:
+        return None, []
+    results = []
+    for row in tasks:
+        p = render_prompt_ids(tokenizer, row.prompt, _chat_kwargs(cfg))
+        (ids,) = generate(model, tokenizer, p, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                          device=device, seed=0)
+        completion = tokenizer.decode(ids, skip_special_tokens=True)
+        program = extract_program(row.code_prompt, completion, row.entry_point)
+        program += f"\n\n{row.test}\n\ncheck({row.entry_point})\n"
+        res = run_program(program, timeout_s=timeout_s)
+        results.append({"task_id": row.task_id, "passed": res.passed, "status": res.status,
+                         "completion": completion, "stderr_tail": res.stderr[-500:]})
+    return sum(r["passed"] for r in results) / len(results), results
+
+
+def _chat_kwargs(cfg) -> dict:
+    from ebft_engine.data import chat_template_kwargs
+
+    return chat_template_kwargs(cfg)
+
+
+def load_eval_rows(cfg, max_rows: int | None) -> list[EvalRow]:
+    """Raw held-out rows from `test_datasets`, mapped for evaluation."""
+    from ebft_engine.data import load_source
+
+    entries = list(getattr(cfg, "test_datasets", None) or [])
+    if not entries:
+        raise ValueError(
+            "eval needs held-out data: add `test_datasets:` to the config "
+            "(e.g. `- path: builtin:humaneval` with `split: test`)"
+        )
+    rows: list[EvalRow] = []
+    for spec in entries:
+        ds = load_source(spec)
+        for i, raw in enumerate(ds):
+            rows.append(to_eval_row(dict(raw), i, str(getattr(spec, "path", spec))))
+    return rows[:max_rows] if max_rows else rows
+
+
+def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = None, n_samples: int = 4,
+             max_new_tokens: int = 256, timeout_s: float = 10.0, seed: int = 0,
+             log_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run all three measurements; append the `eval` record; return it."""
+    from ebft_engine.metrics import MetricsLog
+    from ebft_engine.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+
+    t0 = time.time()
+    device = resolve_device(getattr(cfg, "device", "auto"))
+    dtype = resolve_dtype(getattr(cfg, "bf16", "auto"), getattr(cfg, "fp16", False), device)
+    tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
+    model = load_model(cfg.base_model, dtype=dtype, device=device)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter folder)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    rows = load_eval_rows(cfg, max_rows)
+    temperature = float(getattr(cfg.trl, "temperature", None) or 0.7) if cfg.mode == "structured" else float(cfg.ebft.temperature)
+
+    ce = validation_ce(model, tokenizer, rows, _chat_kwargs(cfg), device)
+    cfm, align = feature_matching(model, tokenizer, rows, cfg, device, n=n_samples, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed)
+    p1, per_task = pass_at_1(model, tokenizer, rows, cfg, device, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    record = {"eval/ce_loss": ce, "eval/cfm_loss": cfm, "eval/alignment": align, "eval/pass@1": p1,
+              "eval/n_rows": len(rows), "eval/n_code_tasks": len(per_task),
+              "adapter": str(adapter) if adapter else None, "eval/seconds": round(time.time() - t0, 1)}
+    out_dir = Path(log_dir or cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with MetricsLog(out_dir / "metrics.jsonl") as log:
+        log.write("eval", step=_last_step(out_dir), **record)
+    with open(out_dir / "eval.jsonl", "a", encoding="utf-8") as f:
+        for r in per_task:
+            f.write(json.dumps({"ts": time.time(), "adapter": record["adapter"], **r}) + "\n")
+    return record
+
+
+def _last_step(out_dir: Path) -> int:
+    from ebft_engine.metrics import last_logged_step, read_records
+
+    path = out_dir / "metrics.jsonl"
+    return last_logged_step(read_records(path)) if path.exists() else 0
+
+
+def format_report(record: dict[str, Any]) -> Iterable[str]:
+    """Human lines for the terminal."""
+    p1 = record.get("eval/pass@1")
+    yield f"validation CE   {record['eval/ce_loss']:.4f}  (per ground-truth token)"
+    yield f"CFM loss        {record['eval/cfm_loss']:.4f}  (alignment {record['eval/alignment']:+.3f})"
+    yield ("pass@1          n/a (no rows with tests)" if p1 is None
+           else f"pass@1          {p1:.3f}  ({record['eval/n_code_tasks']} tasks, sandboxed)")
