@@ -1,0 +1,75 @@
+"""Evaluation pieces: mapping held-out rows, turning completions into programs, CE against a manual sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ebft_engine.eval import EvalRow, extract_program, to_eval_row, validation_ce
+from ebft_engine.sandbox import run_program
+
+HEADER = 'def add(a, b):\n    """Add two numbers."""\n'
+TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+def _verdict(completion: str) -> bool:
+    program = extract_program(HEADER, completion, "add") + f"\n{TEST}\ncheck(add)\n"
+    return run_program(program).passed
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    return a + b\n",                                            # a body, HumanEval style
+        "return a + b",                                                  # a body the model forgot to indent
+        "```python\ndef add(a, b):\n    return a + b\n```\nThis adds.",  # a fenced whole function
+        "def add(a, b):\n    return b + a\n",                            # an unfenced whole function
+    ],
+)
+def test_extract_program_accepts_the_shapes_models_answer_in(completion):
+    assert _verdict(completion)
+
+
+def test_extract_program_keeps_wrong_answers_wrong():
+    assert not _verdict("    return a - b\n")
+    assert not _verdict("```python\ndef add(a, b):\n    while True: pass\n```")
+
+
+def test_to_eval_row_maps_each_supported_shape():
+    he = to_eval_row({"input": HEADER, "output": "    return a + b\n", "prompt": HEADER, "test": TEST,
+                      "entry_point": "add", "task_id": "t/0"}, 0, "builtin:humaneval")
+    assert he.ground_truth == "    return a + b\n" and he.code_prompt == HEADER and he.entry_point == "add"
+    pg = to_eval_row({"prompt": "hi", "ground_truth": "hello"}, 1, "x.jsonl")
+    assert pg.prompt == "hi" and pg.test is None
+    chat = to_eval_row({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, 2, "c")
+    assert chat.prompt == [{"role": "user", "content": "q"}] and chat.ground_truth == "a"
+    with pytest.raises(ValueError, match="row 3"):
+        to_eval_row({"text": "no fields"}, 3, "bad.jsonl")
+
+
+class _CharTokenizer:
+    """A tiny real tokenizer stand-in: one id per character, no chat template."""
+
+    chat_template = None
+    eos_token_id = 1
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [2 + (ord(c) % 90) for c in text]
+        return {"input_ids": ([3] if add_special_tokens else []) + ids}
+
+
+def test_validation_ce_equals_manual_token_average(tiny_llama):
+    tok = _CharTokenizer()
+    rows = [EvalRow(prompt="ab", ground_truth="cd"), EvalRow(prompt="xyz", ground_truth="q")]
+    got = validation_ce(tiny_llama, tok, rows, {}, torch.device("cpu"))
+    total, count = 0.0, 0
+    for row in rows:
+        p = tok(row.prompt)["input_ids"]
+        g = tok(row.ground_truth, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([p + g])
+        logp = torch.log_softmax(tiny_llama(input_ids=ids).logits[0].float(), -1)
+        for k, t in enumerate(g):
+            total -= logp[len(p) - 1 + k, t].item()
+            count += 1
+    assert got == pytest.approx(total / count, rel=1e-5)
