@@ -1,0 +1,1 @@
+"""Metric history: plain Python models of what the log says (no Textual)."""

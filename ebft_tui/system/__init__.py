@@ -1,0 +1,1 @@
+"""GPU (NVML) and process (psutil) sampling. Call from a thread, about once a second."""
