@@ -1,0 +1,1 @@
+"""Screens of the ebft-tui app, one per file."""
