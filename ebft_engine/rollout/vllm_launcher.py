@@ -1,0 +1,268 @@
+"""Start a generation server as a child process: the argv (vLLM or ours), spawn, health, stop.
+
+`vllm serve` runs from its own environment (vLLM pins torch and caps transformers, so it cannot
+share ours); we only build its command line and talk HTTP to it (vllm-integration.md §7(a)). The
+argv builders are pure functions of the config so they are unit-tested on machines without vLLM.
+Children get their own session (so stopping kills the whole process group, no EngineCore orphans),
+no stdin and no shell; their output goes to a log file whose tail every error quotes.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ebft_engine.rollout.client import GenerationClient, ServerError, _log_tail
+from ebft_engine.rollout.protocol import BASE_MODEL_NAME
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""`--max-lora-rank` must be one of these (vllm/config/lora.py)."""
+DEFAULT_MAX_LORAS = 4
+"""Adapters resident at once: the current policy, the previous one still used by an in-flight
+async batch, and slack for the unload that follows a load."""
+LOOPBACK = "127.0.0.1"
+ALL_INTERFACES = ("0.0.0.0", "::", "[::]")
+
+
+def _get(obj: Any, dotted: str, default=None):
+    """cfg.a.b with a default when a level is missing or None (the config may omit sections)."""
+    cur = obj
+    for part in dotted.split("."):
+        if cur is None:
+            return default
+        cur = cur.get(part) if isinstance(cur, dict) else getattr(cur, part, None)
+    return default if cur is None else cur
+
+
+def server_bind_host(cfg) -> str:
+    """Where the server listens: `trl.vllm_server_host`, else loopback (decisions.md §12)."""
+    return str(_get(cfg, "trl.vllm_server_host") or _get(cfg, "server_host") or LOOPBACK)
+
+
+def client_host(cfg) -> str:
+    """Where the trainer connects: loopback when the server listens on all interfaces."""
+    host = server_bind_host(cfg)
+    return LOOPBACK if host in ALL_INTERFACES or host == "" else host
+
+
+def server_port(cfg) -> int:
+    return int(_get(cfg, "trl.vllm_server_port", 8000))
+
+
+def base_url(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{int(port)}"
+
+
+def lora_rank_flag(r: int) -> int:
+    """Smallest vLLM-accepted `--max-lora-rank` >= r."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise ValueError(f"lora_r={r} is above vLLM's largest --max-lora-rank "
+                     f"({VLLM_LORA_RANKS[-1]})")
+
+
+def uses_lora(cfg) -> bool:
+    return str(_get(cfg, "adapter", "") or "").lower() in ("lora", "qlora")
+
+
+def max_model_len(cfg) -> int:
+    explicit = _get(cfg, "vllm.max_model_len")
+    if explicit:
+        return int(explicit)
+    seq = _get(cfg, "sequence_len")
+    if seq:
+        return int(seq)
+    return 1024 + int(_get(cfg, "trl.max_completion_length", 256))
+
+
+def serve_dtype(cfg) -> str:
+    explicit = _get(cfg, "torch_dtype")
+    if explicit and str(explicit) != "auto":
+        return str(explicit).replace("torch.", "")
+    bf16 = _get(cfg, "bf16")
+    if bf16 is True or str(bf16).lower() == "true":
+        return "bfloat16"
+    if _get(cfg, "fp16") is True:
+        return "float16"
+    return "auto"
+
+
+def resolve_vllm_executable(cfg) -> str:
+    """`vllm.executable`, else $EBFT_VLLM_EXECUTABLE, else `vllm` on PATH; a clear error if none."""
+    for candidate, source in ((_get(cfg, "vllm.executable"), "vllm.executable"),
+                              (os.environ.get("EBFT_VLLM_EXECUTABLE"), "EBFT_VLLM_EXECUTABLE")):
+        if candidate:
+            path = shutil.which(str(candidate)) or (str(candidate) if Path(candidate).is_file()
+                                                      else None)
+            if path is None:
+                raise ServerError(f"{source} = {candidate!r} is not an executable file. Point it at "
+                                  "the `vllm` binary of the environment vLLM is installed in "
+                                  "(e.g. /opt/vllm-venv/bin/vllm).")
+            return path
+    found = shutil.which("vllm")
+    if found:
+        return found
+    raise ServerError("vLLM is not installed here: no `vllm` on PATH, no vllm.executable in the "
+                      "config, no EBFT_VLLM_EXECUTABLE. Install vLLM in its own environment "
+                      "(it pins its own torch) and point vllm.executable at its `vllm` binary, or "
+                      "use our transformers server with `vllm.backend: hf` (slower, no GPU needed).")
+
+
+def _extra_args(cfg) -> list[str]:
+    extra = _get(cfg, "vllm.extra_args")
+    if not extra:
+        return []
+    if isinstance(extra, str):
+        return shlex.split(extra)
+    return [str(a) for a in extra]
+
+
+def vllm_serve_argv(cfg, model_path: str, port: int, host: str = LOOPBACK,
+                    executable: str | None = None) -> list[str]:
+    """The `vllm serve` command line for a config (no shell; one list element per argument)."""
+    exe = executable or resolve_vllm_executable(cfg)
+    argv = [exe, "serve", str(model_path), "--host", host, "--port", str(int(port)),
+            "--served-model-name", BASE_MODEL_NAME, "--dtype", serve_dtype(cfg),
+            "--max-model-len", str(max_model_len(cfg)),
+            "--gpu-memory-utilization", str(float(_get(cfg, "vllm.gpu_memory_utilization", 0.85))),
+            "--seed", str(int(_get(cfg, "seed", 0))),
+            "--enable-prefix-caching", "--generation-config", "vllm",
+            "--logprobs-mode", "processed_logprobs", "--api-server-count", "1"]
+    if uses_lora(cfg):
+        r = int(_get(cfg, "lora_r", 16))
+        argv += ["--enable-lora", "--max-lora-rank", str(lora_rank_flag(r)),
+                 "--max-loras", str(DEFAULT_MAX_LORAS)]
+    tp = int(_get(cfg, "vllm.tensor_parallel_size", 1))
+    if tp > 1:
+        argv += ["--tensor-parallel-size", str(tp)]
+    if _get(cfg, "vllm.enforce_eager", False):
+        argv.append("--enforce-eager")
+    return argv + _extra_args(cfg)
+
+
+def vllm_env(model_path: str, base_env: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base_env is None else base_env)
+    env["VLLM_SERVER_DEV_MODE"] = "1"
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    if Path(str(model_path)).is_dir():
+        env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def hf_serve_argv(cfg, port: int, host: str = LOOPBACK, model_path: str | None = None,
+                  python: str | None = None) -> list[str]:
+    """Our transformers server for a config (`vllm.backend: hf`)."""
+    if model_path is None:
+        model_path = resolve_model_dir(cfg)
+    argv = [python or sys.executable, "-m", "ebft_engine.rollout.hf_server", "--model",
+            str(model_path), "--host", host, "--port", str(int(port)),
+            "--served-model-name", BASE_MODEL_NAME, "--max-model-len", str(max_model_len(cfg)),
+            "--seed", str(int(_get(cfg, "seed", 0))), "--device", "auto"]
+    dtype = serve_dtype(cfg)
+    argv += ["--dtype", "float32" if dtype == "auto" else dtype]
+    if uses_lora(cfg):
+        argv += ["--max-lora-rank", str(lora_rank_flag(int(_get(cfg, "lora_r", 16))))]
+    return argv
+
+
+def resolve_model_dir(cfg) -> str:
+    """A local transformers folder (or hub id) for `base_model`, via modeling.py."""
+    from ebft_engine import modeling
+
+    dtype = serve_dtype(cfg)
+    return str(modeling.resolve_model_path(_get(cfg, "base_model"),
+                                           dtype="float32" if dtype == "auto" else dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Process management
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (racy by nature: `start_server` retries on a clash)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def spawn_server(argv: Sequence[str], env: dict[str, str] | None, log_path: str | os.PathLike,
+                 cwd: str | None = None) -> subprocess.Popen:
+    """Start the server in its own session, stdout+stderr appended to `log_path`, no stdin."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {shlex.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 600.0,
+                 log_path: str | os.PathLike | None = None) -> float:
+    """Poll `GET /health` until it answers 200; fail fast when `proc` exits. Returns seconds."""
+    client = GenerationClient(url, log_path=str(log_path) if log_path else None)
+    try:
+        return client.wait_for_health(timeout=timeout, proc=proc)
+    finally:
+        client.close()
+
+
+def stop_server(proc: subprocess.Popen | None, grace_s: float = 15.0) -> int | None:
+    """SIGTERM the server's process group, SIGKILL it after `grace_s`. Returns the exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
+            proc.wait(5)
+    else:  # the leader is gone; make sure no child of its group lingers
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return proc.returncode
+
+
+def start_server(argv_for_port, log_path: str | os.PathLike, *, env: dict[str, str] | None = None,
+                 host: str = LOOPBACK, port: int | None = None, timeout: float = 600.0,
+                 tries: int = 3) -> tuple[subprocess.Popen, str]:
+    """Spawn `argv_for_port(port)` and wait until healthy; on a port clash, retry on a new port.
+
+    Returns (process, base URL). A fixed `port` is tried once."""
+    last: Exception | None = None
+    for _ in range(1 if port else tries):
+        p = port or free_port(host)
+        proc = spawn_server(argv_for_port(p), env, log_path)
+        url = base_url(LOOPBACK if host in ALL_INTERFACES else host, p)
+        try:
+            wait_healthy(url, proc, timeout, log_path)
+            return proc, url
+        except ServerError as e:
+            stop_server(proc)
+            last = e
+            if "address already in use" not in _log_tail(str(log_path), 40).lower():
+                raise
+        time.sleep(0.5)
+    raise ServerError(f"could not start the generation server: every port tried was in use. "
+                      f"{last}")
