@@ -255,27 +255,52 @@ class MetricHistory:
     def console_line(self, record: dict[str, Any] | None = None) -> str:
         """`step 12/20 | align +0.412 ^ | divers +0.023 v | cfm 4.231 v | reward +0.389 ^ | gn 1.10 | 3.2s`
 
-        For the last metrics record (or `record`, which must already be folded in)."""
+        The engine's console format (docs/log-contract.md), for the last metrics record, or for
+        `record` right after it was folded in. Arrows follow the engine's rule (`console_arrow`)."""
         rec = record if record is not None else self.last_metrics
         if rec is None:
             return ""
         step = rec.get("step", self.step)
         max_steps = rec.get("max_steps", self.max_steps)
         parts = [f"step {step}/{max_steps}" if max_steps else f"step {step}"]
-        for key in CONSOLE_KEYS:
-            if key not in rec:
-                continue
-            spec = METRICS[key]
+
+        def with_arrow(key: str, short: str, fmt: str) -> str:
             value = _as_float(rec.get(key))
-            text = spec.format(value)
-            if spec.desired is not None:
-                parts.append(f"{spec.short} {text} {self.series(key).arrow()}".rstrip())
-            else:
-                parts.append(f"{spec.short} {text}")
-        st = _as_float(rec.get("step_time_s"))
-        if st is not None and math.isfinite(st):
-            parts.append(f"{st:.1f}s")
+            series = self._series.get(key)
+            prev = list(series.values) if series is not None else []
+            if value is not None and math.isfinite(value) and prev:
+                prev = prev[:-1]  # the record's own value is the last one stored
+            text = format(value, fmt) if value is not None and math.isfinite(value) else "nan"
+            return f"{short} {text} {console_arrow(value, prev)}"
+
+        for key in CONSOLE_KEYS:
+            spec = METRICS[key]
+            if key in rec and spec.desired is not None:
+                parts.append(with_arrow(key, spec.short, spec.fmt))
+        if "ebft/alignment" not in rec and "loss" in rec:  # a mode without feature rewards
+            parts.append(with_arrow("loss", "loss", ".4f"))
+        if "grad_norm" in rec:
+            gn = _as_float(rec.get("grad_norm"))
+            parts.append(f"gn {gn:.2f}" if gn is not None and math.isfinite(gn) else "gn nan")
+        if "step_time_s" in rec:
+            st = _as_float(rec.get("step_time_s"))
+            parts.append(f"{st:.1f}s" if st is not None and math.isfinite(st) else "nans")
         return " | ".join(parts)
+
+
+def console_arrow(value: float | None, previous: list[float], window: int = 5) -> str:
+    """The engine's console arrow: `^`/`v`/`=` for the value against the mean of the previous
+    `window` finite values, with a 1e-3 relative tolerance (ebft_engine/metrics.py `trend`)."""
+    prev = [p for p in previous[-window:] if math.isfinite(p)]
+    if value is None or not math.isfinite(value) or not prev:
+        return "="
+    base = sum(prev) / len(prev)
+    tolerance = 1e-3 * max(abs(base), abs(value), 1e-6)
+    if value > base + tolerance:
+        return "^"
+    if value < base - tolerance:
+        return "v"
+    return "="
 
 
 def format_duration(seconds: float | None) -> str:
