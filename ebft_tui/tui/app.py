@@ -56,6 +56,7 @@ class RunControl:
         """Start the children (server readiness first) and wait for the trainer to end."""
         self.running = True
         rc: int | None = None
+        launch_error: str | None = None
         try:
             await self.supervisor.start()
             rc = await self.supervisor.wait()
@@ -64,6 +65,7 @@ class RunControl:
             raise
         except Exception as exc:  # readiness failed, spawn failed: show it, leave nothing running
             self.app.post_to_run_screen(RunEvent(exc))
+            launch_error = str(exc) or exc.__class__.__name__
             await self._stop_quietly()
             rc = getattr(exc, "returncode", None)
             if rc is None:
@@ -71,7 +73,7 @@ class RunControl:
         finally:
             self.running = False
         self.returncode = rc
-        self.app.post_to_run_screen(RunFinished(rc, self.stopped_by_user))
+        self.app.post_to_run_screen(RunFinished(rc, self.stopped_by_user, launch_error))
         return rc
 
     async def _stop_quietly(self) -> None:

@@ -66,10 +66,11 @@ class RunEvent(Message):
 class RunFinished(Message):
     """The supervised run ended: the trainer's exit code (None when stopped before it ran)."""
 
-    def __init__(self, returncode: int | None, stopped_by_user: bool) -> None:
+    def __init__(self, returncode: int | None, stopped_by_user: bool, launch_error: str | None = None) -> None:
         super().__init__()
         self.returncode = returncode
         self.stopped_by_user = stopped_by_user
+        self.launch_error = launch_error
 
 
 @dataclass

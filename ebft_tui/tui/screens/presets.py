@@ -55,6 +55,7 @@ class PresetsScreen(Screen):
         super().__init__()
         self.presets = list(presets)
         self.shown: list[Any] = []
+        self.preview_text = ""
         self.on_open = on_open
 
     def compose(self) -> ComposeResult:
@@ -98,6 +99,7 @@ class PresetsScreen(Screen):
     def preview(self, preset: Any | None) -> None:
         yaml_view = self.query_one("#preset-yaml", Static)
         desc = self.query_one("#preset-description", Static)
+        self.preview_text = ""
         if preset is None:
             yaml_view.update("")
             desc.update("no preset matches the filter" if self.presets else "")
@@ -108,6 +110,7 @@ class PresetsScreen(Screen):
         except OSError as exc:
             yaml_view.update(f"cannot read {preset.path}: {exc}")
             return
+        self.preview_text = text
         yaml_view.update(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
 
     @on(Input.Changed, "#preset-filter")

@@ -269,7 +269,9 @@ class RunScreen(Screen):
     def run_finished(self, message: RunFinished) -> None:
         self.finished = message
         self.poll_files()  # the last records
-        if message.stopped_by_user:
+        if message.launch_error:
+            self.set_state(f"launch failed: {message.launch_error}".splitlines()[0][:200])
+        elif message.stopped_by_user:
             self.set_state("stopped")
         elif message.returncode == 0:
             self.set_state("finished ✓ (exit 0)")
