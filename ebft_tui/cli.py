@@ -227,22 +227,26 @@ def train_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = N
 
 @app.command("serve", context_settings=PASSTHROUGH)
 def serve_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = None,
-              port: Annotated[Optional[int], typer.Option(help="Port (default: trl.vllm_server_port).")] = None) -> None:
-    """Start only the generation server for a config.
+              port: Annotated[Optional[int], typer.Option(help="Port (default: trl.vllm_server_port; 0 = any free port).")] = None,
+              host: Annotated[Optional[str], typer.Option(help="Address to listen on (default: trl.vllm_server_host, else 127.0.0.1).")] = None) -> None:
+    """Start only the generation server for a config, in the foreground.
 
-    Arguments after `--` go to the backend (vLLM) unchanged.
+    Backend settings live in the config's `vllm:` section (override them as vllm.KEY=VALUE).
 
-    [dim]Example: ebft serve qwen2-0.5b-structured -- --max-num-seqs 8[/dim]
+    [dim]Example: ebft serve smollm2-135m-structured-cpu --port 8000[/dim]
     """
     with user_errors():
         path = resolve_preset(config)
         items, extra = split_args([*(overrides or []), *ctx.args])
         _check_overrides(items)
+        if extra:
+            raise UserError(f"`ebft serve` takes key=value overrides, not {' '.join(extra)!r}: set backend options "
+                            "under `vllm:` in the config, e.g. vllm.gpu_memory_utilization=0.5")
         argv = engine_argv("serve", str(path), *items)
         if port is not None:
             argv += ["--port", str(port)]
-        if extra:
-            argv += ["--", *extra]
+        if host is not None:
+            argv += ["--host", host]
         rc = _run_engine(argv)
     raise typer.Exit(rc)
 
@@ -298,20 +302,27 @@ def run_cmd(
 def watch_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (has metrics.jsonl / state.json).", show_default=False)],
     once: Annotated[bool, typer.Option("--once", help="Print the history and a summary, then exit.")] = False,
+    tui: Annotated[bool, typer.Option("--tui", help="Open the read-only view in the terminal app instead.")] = False,
 ) -> None:
     """Follow an existing run read-only (e.g. from another SSH session) until it ends.
 
-    [dim]Example: ebft watch outputs/smollm2-135m-strided-cpu --once[/dim]
+    [dim]Example: ebft watch outputs/smollm2-strided-cpu --once[/dim]
     """
-    from ebft_tui.watch import NotARunDir, watch_run
+    from ebft_tui.watch import NotARunDir, check_run_dir, watch_run
 
     try:
-        rc = watch_run(run_dir, once=once, out=lambda line: print(line, flush=True))
+        if tui:
+            check_run_dir(run_dir)
+            from ebft_tui.tui.app import run_app
+
+            rc = run_app(watch_dir=run_dir)
+        else:
+            rc = watch_run(run_dir, once=once, out=lambda line: print(line, flush=True))
     except NotARunDir as e:
         raise fail(f"{e}; give the run's output_dir") from None
     except KeyboardInterrupt:
         rc = 130
-    raise typer.Exit(rc)
+    raise typer.Exit(rc if isinstance(rc, int) else 0)
 
 
 @app.command("gpus")

@@ -31,9 +31,15 @@ def is_override(item: str) -> bool:
     return bool(sep) and bool(_KEY.match(key))
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
 def parse_value(text: str) -> Any:
+    """YAML-typed value; also `1e-5` (YAML 1.1 wants `1.0e-5`) is a float; empty means null."""
     if text == "":
         return None
+    if _NUMBER.match(text.strip()):
+        return float(text)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -145,7 +145,7 @@ def resolve_preset(name_or_path: str) -> Path:
     """An existing file > `./presets/NAME.yaml` > the packaged presets folder."""
     candidate = Path(name_or_path).expanduser()
     if candidate.is_file():
-        return candidate
+        return candidate.resolve()
     dirs = search_dirs()
     looks_like_name = candidate.parent == Path(".") and not candidate.name.startswith(".")
     if looks_like_name:

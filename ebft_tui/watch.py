@@ -75,14 +75,19 @@ def summary_lines(rd: RunDir, history: MetricHistory, status: str) -> list[str]:
     return lines
 
 
-def watch_run(run_dir: str | Path, once: bool = False, poll_s: float = 0.5,
-              out: Callable[[str], None] = print) -> int:
-    """Print, then follow. Returns 0, or 1 when the run failed."""
+def check_run_dir(run_dir: str | Path) -> RunDir:
     rd = RunDir(run_dir)
     if not rd.path.is_dir():
         raise NotARunDir(f"{rd.path} is not a directory")
     if not rd.metrics.exists() and not rd.state.exists():
         raise NotARunDir(f"{rd.path} has no metrics.jsonl or state.json: not a run directory (or it has not started)")
+    return rd
+
+
+def watch_run(run_dir: str | Path, once: bool = False, poll_s: float = 0.5,
+              out: Callable[[str], None] = print) -> int:
+    """Print, then follow. Returns 0, or 1 when the run failed."""
+    rd = check_run_dir(run_dir)
     history = MetricHistory(whitening=_whitening(rd))
     with JsonlFollower(rd.metrics) as follower:
         while True:

@@ -60,7 +60,8 @@ class ProcState:
 
     @property
     def alive(self) -> bool:
-        return self.state in ("starting", "ready", "running")
+        """Started and not ended (a process not started yet is "starting" with no pid)."""
+        return self.pid is not None and self.state in ("starting", "ready", "running")
 
 
 @dataclass

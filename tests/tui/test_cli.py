@@ -1,0 +1,152 @@
+"""The `ebft` CLI through typer's CliRunner (the engine runs as a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ebft_tui.cli import app
+from ebft_tui.presets import list_presets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fakes.helpers import FAKE_TRAINER  # noqa: E402
+
+runner = CliRunner()
+DEMO = "smollm2-135m-strided-cpu"
+
+
+def demo_preset() -> str:
+    names = [p.name for p in list_presets()]
+    if DEMO not in names:
+        pytest.skip(f"presets/{DEMO}.yaml is not written yet")
+    return DEMO
+
+
+def test_no_args_shows_help():
+    res = runner.invoke(app, [])
+    assert "ls" in res.output and "run" in res.output and "watch" in res.output
+
+
+def test_ls_lists_every_preset():
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0, res.output
+    assert "PRESET" in res.output and "MODE" in res.output and "DEVICE" in res.output
+    for p in list_presets():
+        assert p.name in res.output
+
+
+def test_cat_prints_the_file_and_unknown_names_fail_with_suggestions():
+    name = demo_preset()
+    res = runner.invoke(app, ["cat", name])
+    assert res.exit_code == 0
+    assert res.stdout == (Path(__file__).resolve().parents[2] / "presets" / f"{name}.yaml").read_text()
+    res = runner.invoke(app, ["cat", name[:-1] + "x"])
+    assert res.exit_code == 2
+    assert "error:" in res.stderr and name in res.stderr and "Traceback" not in res.output
+
+
+def test_cat_resolved_applies_overrides():
+    res = runner.invoke(app, ["cat", demo_preset(), "--resolved", "max_steps=3"])
+    assert res.exit_code == 0, res.output
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["max_steps"] == 3 and cfg["ebft"]["mode"] == "strided"
+
+
+def test_cp_copies_and_respects_no_clobber(tmp_path):
+    name = demo_preset()
+    dest = tmp_path / "sub" / "mine.yaml"
+    res = runner.invoke(app, ["cp", name, str(dest)])
+    assert res.exit_code == 0, res.output
+    original = dest.read_text()
+    dest.write_text("# edited\n")
+    res = runner.invoke(app, ["cp", name, str(dest), "--no-clobber"])
+    assert res.exit_code == 0 and dest.read_text() == "# edited\n" and "not overwritten" in res.stderr
+    runner.invoke(app, ["cp", name, str(dest)])
+    assert dest.read_text() == original
+    res = runner.invoke(app, ["cp", name, str(tmp_path)])  # a folder: keeps the preset's file name
+    assert (tmp_path / f"{name}.yaml").exists()
+
+
+def test_validate_ok_prints_the_resolved_config():
+    res = runner.invoke(app, ["validate", demo_preset(), "max_steps=4"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load(res.stdout)["max_steps"] == 4
+    assert "config is valid" in res.stderr
+
+
+def test_validate_broken_config_exits_2_naming_the_key(tmp_path):
+    src = yaml.safe_load((Path(__file__).resolve().parents[2] / "presets" / f"{demo_preset()}.yaml").read_text())
+    src["ebft"]["stride"] = 0
+    src["max_stepz"] = 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(src))
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 2
+    assert "ebft.stride" in res.stderr and "max_stepz" in res.stderr and "max_steps" in res.stderr
+    assert "2 problems" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, ["validate", demo_preset(), "ebft.stride=-1"])
+    assert res.exit_code == 2 and "ebft.stride" in res.stderr
+
+
+def test_bad_override_and_missing_file_exit_2():
+    res = runner.invoke(app, ["validate", demo_preset(), "max_steps"])
+    assert res.exit_code == 2 and "max_steps" in res.stderr and "key=value" in res.stderr
+    res = runner.invoke(app, ["validate", "no/such/config.yaml"])
+    assert res.exit_code == 2 and "no/such/config.yaml" in res.stderr
+    res = runner.invoke(app, ["run", demo_preset(), "--gpus", "zero", "--headless"])
+    assert res.exit_code == 2 and "--gpus" in res.stderr
+
+
+def test_run_reports_config_problems_before_starting(tmp_path):
+    res = runner.invoke(app, ["run", demo_preset(), "--headless", "learning_rate=-1", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "learning_rate" in res.stderr
+    assert not (tmp_path / "r" / "state.json").exists()
+
+
+def test_gpus_says_when_there_is_none():
+    res = runner.invoke(app, ["gpus", "--json"])
+    assert res.exit_code == 0
+    data = json.loads(res.stdout)
+    if data["gpus"]:
+        pytest.skip("this machine has GPUs")
+    assert data["reason"]
+    res = runner.invoke(app, ["gpus"])
+    assert "no GPU found (NVML unavailable): runs will use the CPU" in res.output
+
+
+def test_watch_once_prints_the_history(tmp_path):
+    import subprocess
+
+    subprocess.run([sys.executable, str(FAKE_TRAINER), "--out", str(tmp_path), "--steps", "4", "--interval", "0",
+                    "--warning-at", "2"], check=True, capture_output=True)
+    res = runner.invoke(app, ["watch", str(tmp_path), "--once"])
+    assert res.exit_code == 0, res.output
+    steps = [ln for ln in res.stdout.splitlines() if ln.startswith("step ")]
+    assert len(steps) == 4 and steps[-1].startswith("step 4/4 | align +0.400 ^")
+    assert "warning (step 2)" in res.stdout and "alignment" in res.stdout and "finished" in res.stdout
+    # No state.json but the log says done: following ends by itself.
+    res = runner.invoke(app, ["watch", str(tmp_path)])
+    assert res.exit_code == 0 and len([ln for ln in res.stdout.splitlines() if ln.startswith("step ")]) == 4
+    res = runner.invoke(app, ["watch", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "not a directory" in res.stderr
+
+
+def test_train_forwards_the_engine_exit_code(tmp_path):
+    res = runner.invoke(app, ["train", "no-such-preset-anywhere"])
+    assert res.exit_code == 2 and "ebft ls" in res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: x\nmax_stepz: 3\n")
+    res = runner.invoke(app, ["train", str(bad)])  # the engine itself refuses it with exit code 2
+    assert res.exit_code == 2
+    res = runner.invoke(app, ["train", str(bad), "--no-such-engine-flag"])  # argparse: exit 2 too
+    assert res.exit_code == 2
+
+
+def test_serve_refuses_backend_args():
+    res = runner.invoke(app, ["serve", demo_preset(), "--", "--max-num-seqs", "8"])
+    assert res.exit_code == 2 and "vllm" in res.stderr
