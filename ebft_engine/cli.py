@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(f"ebft_engine.commands.{name.replace('-', '_')}")
     parser = argparse.ArgumentParser(prog=f"python -m ebft_engine {name}", description=COMMANDS[name])
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])
     try:
         return int(module.run(args) or 0)
     except KeyboardInterrupt:
