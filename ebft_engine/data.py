@@ -1,0 +1,354 @@
+"""Dataset loading: `datasets:` entries -> transformed rows, split slicing, eval hold-out, and
+prompt rendering through the chat template.
+
+A `datasets:` entry names a source (`builtin:humaneval`, a local JSON/JSONL/Parquet file or a
+folder of them, a `save_to_disk` folder, or a hub id), a `split` with optional slicing
+(`train[:500]`, `train[:1%]`, `train[10:20]`), and a `type` (a built-in or custom transform,
+see `ebft_engine.transforms`). Every error names the dataset path, and a bad row also its index.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # `datasets` is imported where used: `validate` must stay fast
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded or transformed; the message names it (and the row)."""
+
+
+# --- prompt rendering ----------------------------------------------------------------------------
+
+
+def chat_template_kwargs(cfg: Any) -> dict:
+    """`trl.chat_template_kwargs` (the spec's place, e.g. `enable_thinking: false`), or a
+    top-level `chat_template_kwargs`. Training data, generation and features must all render
+    prompts with the same kwargs."""
+    for owner in (getattr(cfg, "trl", None), cfg):
+        value = getattr(owner, "chat_template_kwargs", None) if owner is not None else None
+        if value:
+            return dict(value.model_dump() if hasattr(value, "model_dump") else value)
+    return {}
+
+
+def encode_text(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
+    """Token ids of `text` as it stands (no BOS/EOS added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_chat(
+    tokenizer: "PreTrainedTokenizerBase",
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool,
+    chat_template_kwargs: dict | None = None,
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+    )
+
+
+def render_prompt_ids(
+    tokenizer: "PreTrainedTokenizerBase",
+    prompt: str | list[dict],
+    chat_template_kwargs: dict | None = None,
+) -> list[int]:
+    """Token ids of a prompt as the model sees it before answering: the chat template with the
+    generation prompt. A string is one user message. A tokenizer without a chat template (a base
+    model) gets a string prompt as plain text with its special tokens (e.g. BOS)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        if isinstance(prompt, str):
+            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        raise DatasetError(
+            "the tokenizer has no chat template, so chat-message prompts cannot be rendered: set "
+            "`chat_template` in the config (e.g. chatml) or use a model with one"
+        )
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True, chat_template_kwargs=chat_template_kwargs)
+    return encode_text(tokenizer, text)
+
+
+# --- split slicing ---------------------------------------------------------------------------------
+
+_SPLIT = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+    """`train[10:20]` -> ("train", "10", "20"); bounds may be counts or percentages."""
+    match = _SPLIT.match(split or "train")
+    if not match:
+        raise DatasetError(f"split {split!r}: expected NAME or NAME[start:stop], e.g. train[:500], train[:1%]")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _bound(value: str | None, n: int) -> int | None:
+    if value is None:
+        return None
+    if value.endswith("%"):
+        return int(round(n * int(value[:-1]) / 100))  # datasets' "closest" rounding
+    return int(value)
+
+
+def slice_rows(ds: "datasets.Dataset", start: str | None, stop: str | None) -> "datasets.Dataset":
+    """Rows [start:stop] with Python slice semantics; percentages are of the whole split."""
+    if start is None and stop is None:
+        return ds
+    indices = range(len(ds))[slice(_bound(start, len(ds)), _bound(stop, len(ds)))]
+    return ds.select(indices)
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+def _get(spec: Any, key: str, default: Any = None) -> Any:
+    value = spec.get(key, default) if isinstance(spec, dict) else getattr(spec, key, default)
+    return default if value is None else value
+
+
+def _load_local(path: Path, split_name: str, spec: Any) -> "datasets.Dataset":
+    import datasets
+
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split_name not in loaded:
+                raise DatasetError(f"dataset {path}: no split {split_name!r} (it has {', '.join(loaded)})")
+            return loaded[split_name]
+        return loaded
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
+        if not files:
+            raise DatasetError(f"dataset {path}: the folder holds no {'/'.join(LOCAL_FORMATS)} files")
+        files = _files_of_split(path, files, split_name)
+    else:
+        files = [path]
+    kinds = {LOCAL_FORMATS.get(f.suffix) for f in files}
+    builder = {"jsonl": "json"}.get(_get(spec, "ds_type"), _get(spec, "ds_type")) or (
+        kinds.pop() if len(kinds) == 1 else None)
+    if builder is None:
+        raise DatasetError(f"dataset {path}: mixed or unknown file types; set ds_type (json, parquet, csv)")
+    kwargs = {"field": _get(spec, "field")} if builder == "json" and _get(spec, "field") else {}
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+
+
+SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval"}
+
+
+def _files_of_split(folder: Path, files: list[Path], split_name: str) -> list[Path]:
+    """Files named for splits (train.jsonl, test-00000-of-00001.parquet) hold those splits;
+    otherwise every file of the folder is one split, whatever it is called."""
+    split_of = {f: re.split(r"[-._]", f.name, maxsplit=1)[0] for f in files}
+    if not set(split_of.values()) <= SPLIT_NAMES:
+        return files
+    chosen = [f for f, name in split_of.items() if name == split_name]
+    if not chosen:
+        raise DatasetError(
+            f"dataset {folder}: no split {split_name!r} (its files hold {', '.join(sorted(set(split_of.values())))})"
+        )
+    return chosen
+
+
+def load_source(spec: Any) -> "datasets.Dataset":
+    """The raw rows of one `datasets:` entry, split and slice applied, before any transform.
+    `train[:10]+test[:5]` concatenates slices, as `datasets` does for hub ids."""
+    path = str(_get(spec, "path", ""))
+    if not path:
+        raise DatasetError("a datasets entry has no `path`")
+    split = str(_get(spec, "split", "train"))
+    is_local = Path(path).expanduser().exists()
+    if not (path.startswith("builtin:") or is_local):
+        if path.startswith(("/", "./", "../", "~")) or Path(path).suffix in LOCAL_FORMATS:
+            raise DatasetError(f"dataset {path}: no such file or folder")
+        return _load_hub(path, split, spec)
+    parts = []
+    for part in split.split("+"):
+        split_name, start, stop = parse_split(part)
+        try:
+            if is_local:
+                ds = _load_local(Path(path).expanduser(), split_name, spec)
+            else:
+                from ebft_engine.builtin_data import load_builtin
+
+                ds = load_builtin(path, split_name)
+        except DatasetError:
+            raise
+        except Exception as error:  # datasets' own errors, re-raised with the entry's path
+            raise DatasetError(f"dataset {path}: {type(error).__name__}: {error}") from error
+        parts.append(slice_rows(ds, start, stop))
+    if len(parts) == 1:
+        return parts[0]
+    import datasets
+
+    return datasets.concatenate_datasets(parts)
+
+
+def _load_hub(path: str, split: str, spec: Any) -> "datasets.Dataset":
+    import datasets
+
+    kwargs = {k: _get(spec, k) for k in ("name", "data_files", "revision") if _get(spec, k) is not None}
+    try:
+        return datasets.load_dataset(path, split=split, **kwargs)
+    except Exception as error:
+        raise DatasetError(
+            f"dataset {path!r} (split {split!r}) could not be loaded from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}). On a machine without hub access use a local "
+            f"JSON/JSONL/Parquet file or folder, or `builtin:humaneval`."
+        ) from error
+
+
+# --- transforms ------------------------------------------------------------------------------------
+
+
+def _row_error(path: str, type_name: str, index: int, row: dict, error: Exception) -> DatasetError:
+    if isinstance(error, KeyError):
+        what = f"missing field {error.args[0]!r} (the row has: {', '.join(row) or 'no fields'})"
+    else:
+        what = f"{type(error).__name__}: {error}"
+    return DatasetError(f"dataset {path}, row {index}: transform {type_name} failed: {what}")
+
+
+def _batch_rows(batch: dict) -> list[dict]:
+    columns = list(batch)
+    return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))] if columns else []
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def apply_transform(
+    ds: "datasets.Dataset", fn: Callable, options: dict, *, tokenizer: Any, path: str, type_name: str
+) -> "datasets.Dataset":
+    """Map `fn` over `ds` with the transform's options. Always a batched map underneath, so that
+    one row may become several (`explode`) and any failure can name its row, over the whole
+    dataset as one batch: Arrow infers each column's type from every row at once, so a column
+    that is `[]` in early rows (`remaining_turns`) and a list of messages later still unifies."""
+    remove = options.get("remove_columns")
+    remove_columns = ds.column_names if remove == "__all__" else [c for c in (remove or []) if c in ds.column_names]
+    batched = bool(options.get("batched"))
+    explode = bool(options.get("explode"))
+
+    def mapper(batch: dict, indices: list[int]) -> dict:
+        if batched:
+            try:
+                out = dict(fn(batch, tokenizer=tokenizer))
+            except Exception as error:
+                raise DatasetError(
+                    f"dataset {path}, rows {indices[0]}-{indices[-1]}: transform {type_name} failed: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+            kept = {c: v for c, v in batch.items() if c not in remove_columns and c not in out}
+            if kept and any(len(v) != len(indices) for v in out.values()):
+                raise DatasetError(f"dataset {path}: transform {type_name} changes the number of rows, "
+                                   f"so it must remove every original column (remove_columns: __all__)")
+            return {**kept, **out}
+        rows = _batch_rows(batch)
+        outputs: list[dict] = []
+        for index, row in zip(indices, rows):
+            try:
+                out = fn(row, tokenizer=tokenizer)
+            except Exception as error:
+                raise _row_error(path, type_name, index, row, error) from error
+            if not isinstance(out, dict):
+                raise DatasetError(f"dataset {path}, row {index}: transform {type_name} returned "
+                                   f"{type(out).__name__}, not a dict")
+            base = {c: v for c, v in row.items() if c not in remove_columns}
+            if explode:
+                lengths = {len(v) for v in out.values()}
+                if len(lengths) > 1:
+                    raise DatasetError(f"dataset {path}, row {index}: transform {type_name} (explode) "
+                                       f"returned lists of different lengths")
+                outputs += [{**base, **{k: v[i] for k, v in out.items()}} for i in range(lengths.pop() if lengths else 0)]
+            else:
+                outputs.append({**base, **out})
+        return _columns(outputs)
+
+    return ds.map(
+        mapper,
+        batched=True,
+        batch_size=None,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=f"ebft-{abs(hash((path, type_name, ds._fingerprint)))}",
+        desc=f"{type_name} on {path}",
+    )
+
+
+def load_dataset_rows(spec: Any, *, tokenizer: Any, cfg: Any) -> "datasets.Dataset":
+    """One `datasets:` entry: load, slice, transform."""
+    from ebft_engine.transforms import TransformError, load_transform
+
+    ds = load_source(spec)
+    path = str(_get(spec, "path"))
+    type_name = _get(spec, "type")
+    if not type_name:  # rows already in the trainer's format (e.g. pre-tokenized)
+        return ds
+    try:
+        fn, options = load_transform(str(type_name), cfg, ds_cfg=spec)
+    except TransformError as error:
+        raise DatasetError(f"dataset {path}: {error}") from error
+    return apply_transform(ds, fn, options, tokenizer=tokenizer, path=path, type_name=str(type_name))
+
+
+def _concat(cfg: Any, entries: list, tokenizer: Any) -> "datasets.Dataset":
+    import datasets
+
+    parts = [load_dataset_rows(spec, tokenizer=tokenizer, cfg=cfg) for spec in entries]
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as error:
+        names = ", ".join(f"{_get(s, 'path')} {sorted(p.column_names)}" for s, p in zip(entries, parts))
+        raise DatasetError(f"the datasets cannot be combined, their columns differ: {names} ({error})") from error
+
+
+def _holdout(cfg: Any, ds: "datasets.Dataset") -> tuple["datasets.Dataset", "datasets.Dataset | None"]:
+    """`val_set_size` (a fraction < 1, or a row count) held out of the training rows, seeded."""
+    size = _get(cfg, "val_set_size", 0) or 0
+    if not size or _get(cfg, "test_datasets"):
+        return ds, None
+    test_size = float(size) if float(size) < 1 else int(size)
+    if (test_size if isinstance(test_size, int) else round(test_size * len(ds))) >= len(ds):
+        raise DatasetError(f"val_set_size {size} leaves no training rows out of {len(ds)}")
+    parts = ds.train_test_split(test_size=test_size, seed=int(_get(cfg, "seed", 42)), shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def load_training_data(cfg: Any, tokenizer: Any, split: str = "train") -> "datasets.Dataset":
+    """All `cfg.datasets`, transformed and concatenated, less the `val_set_size` hold-out.
+    `split="eval"` returns that hold-out instead (see `load_eval_data`)."""
+    entries = list(_get(cfg, "datasets", []) or [])
+    if not entries:
+        raise DatasetError("the config has no `datasets`")
+    train, held_out = _holdout(cfg, _concat(cfg, entries, tokenizer))
+    if split == "train":
+        return train
+    if split == "eval":
+        if held_out is None:
+            raise DatasetError("no eval rows: set val_set_size or test_datasets")
+        return held_out
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+
+
+def load_eval_data(cfg: Any, tokenizer: Any) -> "datasets.Dataset | None":
+    """`cfg.test_datasets` when given, else the `val_set_size` hold-out, else None."""
+    entries = list(_get(cfg, "test_datasets", []) or [])
+    if entries:
+        return _concat(cfg, entries, tokenizer)
+    if _get(cfg, "val_set_size", 0):
+        return load_training_data(cfg, tokenizer, split="eval")
+    return None

@@ -1,0 +1,133 @@
+"""Dataset transforms: the spec's built-ins (one module each) and loading custom ones.
+
+A dataset entry's `type: module.function` names a transform factory with the spec's contract:
+
+    def transform(cfg, **kwargs):
+        def transform_fn(example, tokenizer=None) -> dict: ...
+        return transform_fn, {"remove_columns": "__all__"}
+
+The second element holds options for the mapping step: `remove_columns` (`"__all__"` = drop every
+original column, or a list of names), `batched: True` (axolotl's contract: `transform_fn` gets a
+dict of columns and returns one, possibly with a different number of rows), and `explode: True`
+(ours: `transform_fn` gets one row and returns lists; output row i takes element i of each).
+
+Built-in module names win over importable modules of the same name; any other `module` is
+imported from the current directory or PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any, Callable
+
+BUILTIN_MODULES = (
+    "ebft_opencode",
+    "ebft_strided_structured",
+    "ebft_strided_chat",
+    "ebft_chat_multiturn",
+    "ebft_reasoning",
+    "ebft_pretrain",
+)
+
+TransformFn = Callable[..., dict]
+
+
+class TransformError(ValueError):
+    """A dataset `type` that cannot be loaded, or a transform that broke its contract."""
+
+
+def builtin_names() -> list[str]:
+    """Every built-in `type` value (`module.function`)."""
+    names = []
+    for module_name in BUILTIN_MODULES:
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        names += [f"{module_name}.{fn}" for fn in getattr(module, "TRANSFORMS", ("transform",))]
+    return names
+
+
+def _import_module(type_name: str, module_name: str):
+    builtin = module_name.removeprefix("ebft.")  # axolotl's package-qualified spelling
+    if builtin in BUILTIN_MODULES:
+        return importlib.import_module(f"{__name__}.{builtin}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and module_name.startswith(error.name):
+            raise TransformError(
+                f"dataset type {type_name!r}: no module {module_name!r} in the current directory "
+                f"({cwd}) or on PYTHONPATH, and it is not a built-in "
+                f"({', '.join(BUILTIN_MODULES)})"
+            ) from error
+        raise TransformError(f"dataset type {type_name!r}: importing {module_name!r} failed: {error}") from error
+
+
+def load_transform(type_name: str, cfg: Any, **kwargs: Any) -> tuple[TransformFn, dict]:
+    """Resolve `type_name` to its factory, call it with `cfg`, and check what it returns."""
+    module_name, _, function_name = str(type_name).rpartition(".")
+    if not module_name or not function_name:
+        raise TransformError(
+            f"dataset type {type_name!r}: expected `module.function`, e.g. `ebft_opencode.transform`"
+        )
+    module = _import_module(type_name, module_name)
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        available = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise TransformError(
+            f"dataset type {type_name!r}: module {module_name!r} has no function {function_name!r}"
+            + (f" (it has: {', '.join(available)})" if available else "")
+        )
+    result = factory(cfg, **kwargs)
+    if (
+        not isinstance(result, tuple)
+        or len(result) != 2
+        or not callable(result[0])
+        or not isinstance(result[1], (dict, type(None)))
+    ):
+        raise TransformError(
+            f"dataset type {type_name!r}: {function_name}(cfg, **kwargs) must return "
+            f"(transform_fn, {{\"remove_columns\": \"__all__\"}}), got {type(result).__name__}"
+        )
+    return result[0], dict(result[1] or {})
+
+
+# --- helpers shared by the built-ins ---------------------------------------------------------------
+
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+def get_field(example: dict, *names: str) -> Any:
+    """The first of `names` present in `example` (axolotl's fallbacks); KeyError names the first."""
+    for name in names:
+        if name in example and example[name] is not None:
+            return example[name]
+    raise KeyError(names[0])
+
+
+def get_messages(example: dict) -> list[dict]:
+    """`messages` (OpenAI format) or `conversations` (also ShareGPT's from/value), as
+    [{"role", "content"}, ...] with every other key of a message kept."""
+    raw = get_field(example, "messages", "conversations")
+    messages = []
+    for msg in raw:
+        if "role" not in msg and "from" in msg:
+            msg = {**{k: v for k, v in msg.items() if k not in ("from", "value")},
+                   "role": ROLE_ALIASES.get(msg["from"], msg["from"]), "content": msg.get("value")}
+        messages.append({k: v for k, v in msg.items() if v is not None or k in ("role", "content")})
+    return messages
+
+
+def require_tokenizer(tokenizer: Any, name: str) -> None:
+    if tokenizer is None:
+        raise TransformError(f"{name} tokenizes: call transform_fn(example, tokenizer=...)")
+
+
+def sequence_len(cfg: Any) -> int:
+    value = getattr(cfg, "sequence_len", None)
+    if not value:
+        raise TransformError("strided transforms truncate to `sequence_len`: set it in the config")
+    return int(value)

