@@ -91,10 +91,13 @@ def processed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top
 
 
 def _cache_kwarg(model) -> str:
+    """`cache` in newer transformers, `past_key_values` before (looked up on the unwrapped model:
+    a peft wrapper's forward takes **kwargs)."""
     import inspect
 
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
@@ -542,17 +545,15 @@ def _count_prompts(prompt) -> int:
 
 def load_state(model_dir: str, *, served_name: str = BASE_MODEL_NAME, max_model_len: int | None = None,
                dtype: str = "auto", device: str = "cpu", seed: int = 0,
-               max_lora_rank: int = 64) -> ServerState:
+               max_lora_rank: int = 64, gguf_file: str | None = None) -> ServerState:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype == "auto":
-        torch_dtype = "auto"
-    else:
-        torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra).to(device)
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **extra)
     except Exception:  # token ids are enough; text and token names then need ids
         tokenizer = None
     if max_model_len is None:
@@ -595,7 +596,8 @@ def serve(state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ebft_engine.rollout.hf_server",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="transformers model folder")
+    p.add_argument("--model", required=True, help="transformers model folder (or hub id)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
     p.add_argument("--served-model-name", default=BASE_MODEL_NAME)
@@ -617,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading {args.model} (dtype {args.dtype}, device {args.device})")
     state = load_state(args.model, served_name=args.served_model_name,
                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
-                       seed=args.seed, max_lora_rank=args.max_lora_rank)
+                       seed=args.seed, max_lora_rank=args.max_lora_rank, gguf_file=args.gguf_file)
     serve(state, args.host, args.port)
     return 0
 

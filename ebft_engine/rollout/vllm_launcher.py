@@ -77,13 +77,11 @@ def uses_lora(cfg) -> bool:
 
 
 def max_model_len(cfg) -> int:
+    """`vllm.max_model_len`, else sequence_len + max_completion_length (the config's default)."""
     explicit = _get(cfg, "vllm.max_model_len")
     if explicit:
         return int(explicit)
-    seq = _get(cfg, "sequence_len")
-    if seq:
-        return int(seq)
-    return 1024 + int(_get(cfg, "trl.max_completion_length", 256))
+    return int(_get(cfg, "sequence_len", 1024)) + int(_get(cfg, "trl.max_completion_length", 256))
 
 
 def serve_dtype(cfg) -> str:
@@ -99,9 +97,12 @@ def serve_dtype(cfg) -> str:
 
 
 def resolve_vllm_executable(cfg) -> str:
-    """`vllm.executable`, else $EBFT_VLLM_EXECUTABLE, else `vllm` on PATH; a clear error if none."""
-    for candidate, source in ((_get(cfg, "vllm.executable"), "vllm.executable"),
-                              (os.environ.get("EBFT_VLLM_EXECUTABLE"), "EBFT_VLLM_EXECUTABLE")):
+    """$EBFT_VLLM_EXECUTABLE, else `vllm.executable`, else `vllm` on PATH; a clear error if none.
+
+    (The environment wins, as documented for `vllm.executable`: a machine's own vLLM location
+    beats the one written into a shared config.)"""
+    for candidate, source in ((os.environ.get("EBFT_VLLM_EXECUTABLE"), "EBFT_VLLM_EXECUTABLE"),
+                              (_get(cfg, "vllm.executable"), "vllm.executable")):
         if candidate:
             path = shutil.which(str(candidate)) or (str(candidate) if Path(candidate).is_file()
                                                       else None)
@@ -163,26 +164,42 @@ def vllm_env(model_path: str, base_env: dict[str, str] | None = None) -> dict[st
 def hf_serve_argv(cfg, port: int, host: str = LOOPBACK, model_path: str | None = None,
                   python: str | None = None) -> list[str]:
     """Our transformers server for a config (`vllm.backend: hf`)."""
+    gguf_file = None
     if model_path is None:
-        model_path = resolve_model_dir(cfg)
+        model_path, gguf_file = resolve_model_source(cfg)
     argv = [python or sys.executable, "-m", "ebft_engine.rollout.hf_server", "--model",
             str(model_path), "--host", host, "--port", str(int(port)),
             "--served-model-name", BASE_MODEL_NAME, "--max-model-len", str(max_model_len(cfg)),
-            "--seed", str(int(_get(cfg, "seed", 0))), "--device", "auto"]
-    dtype = serve_dtype(cfg)
-    argv += ["--dtype", "float32" if dtype == "auto" else dtype]
+            "--seed", str(int(_get(cfg, "seed", 0))), "--device", "auto",
+            "--dtype", hf_dtype(cfg)]
+    if gguf_file:
+        argv += ["--gguf-file", gguf_file]
     if uses_lora(cfg):
         argv += ["--max-lora-rank", str(lora_rank_flag(int(_get(cfg, "lora_r", 16))))]
     return argv
 
 
-def resolve_model_dir(cfg) -> str:
-    """A local transformers folder (or hub id) for `base_model`, via modeling.py."""
+def hf_dtype(cfg) -> str:
+    """Our server's dtype: the config's, with `auto` meaning float32 (exact on any CPU)."""
+    dtype = serve_dtype(cfg)
+    return "float32" if dtype == "auto" else dtype
+
+
+def resolve_model_source(cfg) -> tuple[str, str | None]:
+    """(local folder or hub id, GGUF file name or None) for `base_model`, via modeling.py."""
     from ebft_engine import modeling
 
-    dtype = serve_dtype(cfg)
-    return str(modeling.resolve_model_path(_get(cfg, "base_model"),
-                                           dtype="float32" if dtype == "auto" else dtype))
+    return modeling.resolve_model_path(str(_get(cfg, "base_model")), dtype=hf_dtype(cfg))
+
+
+def vllm_model_arg(cfg) -> str:
+    """What `vllm serve` gets as its model: a folder or hub id (a GGUF file is refused)."""
+    path, gguf_file = resolve_model_source(cfg)
+    if gguf_file:
+        raise ServerError(f"base_model {_get(cfg, 'base_model')!r} is a GGUF file; `vllm serve` "
+                          "needs a transformers folder or hub id. Convert it to a folder first, or "
+                          "use `vllm.backend: hf`.")
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -66,3 +67,28 @@ def hf_server(tiny_model_dir, tmp_path_factory):
     proc, url = start_hf_server(tiny_model_dir, log_path)
     yield url, log_path
     stop_server(proc, grace_s=5)
+
+
+def start_fake(tmp_path: Path, mode: str, *extra: str):
+    """tests/structured/fake_server.py in `mode`; returns (proc, url, record path, log path)."""
+    from ebft_engine.rollout.vllm_launcher import spawn_server
+
+    port_file = tmp_path / f"port-{mode}"
+    record = tmp_path / f"requests-{mode}.jsonl"
+    log = tmp_path / f"fake-{mode}.log"
+    proc = spawn_server([sys.executable, str(HERE / "fake_server.py"), "--mode", mode,
+                         "--port-file", str(port_file), "--record", str(record), *extra],
+                        child_env(), log)
+    t0 = time.monotonic()
+    while not port_file.exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() - t0 < 20
+        time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port_file.read_text()}", record, log
+
+
+def records(path: Path) -> list[dict]:
+    """The request bodies a fake server recorded."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+

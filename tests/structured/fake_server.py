@@ -3,13 +3,14 @@
     python fake_server.py --mode MODE --port-file F [--record R] [--delay S]
 
 Modes:
-  ok          valid vLLM-shaped completions: sample j of a prompt is [100 + j, 101 + j, END]
+  ok          valid vLLM-shaped completions: sample j of a prompt is [40 + j, 41 + j, END]
               (log-prob -1.0 each); adapters load/unload and are listed; requests are recorded
   malformed   /health ok, completions answer 200 with one log-prob missing
   die         /health ok, the first completion request kills the process mid-request
   error500    /health ok, completions answer 500 with a vLLM error body
   hang        /health ok, completions never answer
-Every request body is appended to --record as a JSON line (path, body).
+Every request body is appended to --record as a JSON line (path, body, time).
+--delay S makes each completion request take S seconds; --same makes the n samples identical.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Handler(BaseHTTPRequestHandler):
     mode = "ok"
     record = None
     delay = 0.0
+    same = False
     adapters: dict[str, str] = {}
     lock = threading.Lock()
 
@@ -84,7 +86,8 @@ class Handler(BaseHTTPRequestHandler):
         choices = []
         for p in prompts:
             for j in range(n):
-                ids = [100 + j, 101 + j, END][: max(1, mt)]
+                k = 0 if self.same else j
+                ids = [40 + k, 41 + k, END][: max(1, mt)]
                 lps = [-1.0] * len(ids)
                 if self.mode == "malformed":
                     lps = lps[:-1]
@@ -101,9 +104,11 @@ def main() -> int:
     ap.add_argument("--mode", default="ok")
     ap.add_argument("--port-file", required=True)
     ap.add_argument("--record", default=None)
-    ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds per completion request")
+    ap.add_argument("--same", action="store_true", help="all n samples of a prompt identical")
     args = ap.parse_args()
     Handler.mode, Handler.record, Handler.delay = args.mode, args.record, args.delay
+    Handler.same = args.same
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     tmp = args.port_file + ".tmp"

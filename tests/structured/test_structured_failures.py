@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import HERE, child_env
+from conftest import child_env, records, start_fake
 from ebft_engine.rollout.client import GenerationClient, MalformedReplyError, ServerError, Timeouts
 from ebft_engine.rollout.vllm_launcher import free_port, spawn_server, stop_server, wait_healthy
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def start_fake(tmp_path: Path, mode: str, *extra: str):
-    port_file = tmp_path / f"port-{mode}"
-    record = tmp_path / f"requests-{mode}.jsonl"
-    log = tmp_path / f"fake-{mode}.log"
-    proc = spawn_server([sys.executable, str(HERE / "fake_server.py"), "--mode", mode,
-                         "--port-file", str(port_file), "--record", str(record), *extra],
-                        child_env(), log)
-    t0 = time.monotonic()
-    while not port_file.exists():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() - t0 < 20
-        time.sleep(0.05)
-    return proc, f"http://127.0.0.1:{port_file.read_text()}", record, log
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def fast_client(url: str, **kw) -> GenerationClient:

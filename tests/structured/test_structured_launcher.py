@@ -57,7 +57,7 @@ def test_vllm_argv_full_finetune_tp_eager_extra():
     assert "--enable-lora" not in argv and "--max-lora-rank" not in argv
     assert flag(argv, "--tensor-parallel-size") == "2" and "--enforce-eager" in argv
     assert argv[-4:] == ["--max-num-seqs", "64", "--swap-space", "4"]
-    assert flag(argv, "--max-model-len") == "2048"  # falls back to sequence_len
+    assert flag(argv, "--max-model-len") == str(2048 + 256)  # sequence_len + max_completion_length
     c.vllm.extra_args = ["--foo", 1]
     assert vllm_serve_argv(c, "/m", 9000, executable="vllm")[-2:] == ["--foo", "1"]
 
@@ -91,12 +91,12 @@ def test_executable_resolution(tmp_path, monkeypatch):
     other = tmp_path / "other-vllm"
     other.write_text("#!/bin/sh\n")
     other.chmod(0o755)
-    monkeypatch.setenv("EBFT_VLLM_EXECUTABLE", str(other))
-    assert resolve_vllm_executable(none) == str(other)  # env beats PATH
-    assert resolve_vllm_executable(cfg(vllm=NS(executable=str(exe)))) == str(exe)  # config first
+    assert resolve_vllm_executable(cfg(vllm=NS(executable=str(other)))) == str(other)  # config
+    monkeypatch.setenv("EBFT_VLLM_EXECUTABLE", str(exe))
+    assert resolve_vllm_executable(cfg(vllm=NS(executable=str(other)))) == str(exe)  # env wins
+    monkeypatch.delenv("EBFT_VLLM_EXECUTABLE")
     with pytest.raises(ServerError, match="vllm.executable"):
         resolve_vllm_executable(cfg(vllm=NS(executable=str(tmp_path / "missing"))))
-    monkeypatch.delenv("EBFT_VLLM_EXECUTABLE")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ServerError, match="vllm.backend: hf"):
         resolve_vllm_executable(none)

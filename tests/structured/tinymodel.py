@@ -71,3 +71,28 @@ def hf_logprobs(model, prompt, completion, temperature):
     lp = torch.log_softmax(logits / temperature, dim=-1)
     P = len(prompt)
     return [lp[P - 1 + t, tok].item() for t, tok in enumerate(completion)]
+
+
+def structured_config(model_dir, port: int, run_dir, **over):
+    """A structured-mode config for the tiny model against a server on 127.0.0.1:port."""
+    from ebft_engine.config import load_config
+
+    trl = {"num_generations": 4, "max_completion_length": 12, "temperature": 0.9,
+           "vllm_server_port": int(port), "vllm_lora_sync": True, "vllm_server_timeout": 30}
+    trl.update(over.pop("trl", {}))
+    ebft = {"mode": "structured", "embed_method": "completion_mean",
+            "feature_layers": [0.25, 0.5, 0.75]}
+    ebft.update(over.pop("ebft", {}))
+    raw = {"base_model": str(model_dir), "rl": "ebft", "device": "cpu", "ebft": ebft, "trl": trl,
+           "datasets": [{"path": "unused.jsonl"}], "adapter": "lora", "lora_r": 8,
+           "lora_alpha": 16, "lora_target_linear": True, "micro_batch_size": 4,
+           "gradient_accumulation_steps": 2, "max_steps": 4, "output_dir": str(run_dir),
+           "bf16": False, "sequence_len": 128, "learning_rate": 1e-3, "seed": 3}
+    raw.update(over)
+    return load_config(raw)
+
+
+def build(cfg):
+    from ebft_engine.modeling import build_model_and_tokenizer
+
+    return build_model_and_tokenizer(cfg)
