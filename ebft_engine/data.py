@@ -123,7 +123,10 @@ def _load_local(path: Path, split_name: str, spec: Any) -> "datasets.Dataset":
                 raise DatasetError(f"dataset {path}: no split {split_name!r} (it has {', '.join(loaded)})")
             return loaded[split_name]
         return loaded
-    if path.is_dir():
+    if path.is_dir() and _get(spec, "data_files"):
+        data_files = _get(spec, "data_files")
+        files = [path / f for f in ([data_files] if isinstance(data_files, str) else data_files)]
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
         if not files:
             raise DatasetError(f"dataset {path}: the folder holds no {'/'.join(LOCAL_FORMATS)} files")
@@ -131,8 +134,8 @@ def _load_local(path: Path, split_name: str, spec: Any) -> "datasets.Dataset":
     else:
         files = [path]
     kinds = {LOCAL_FORMATS.get(f.suffix) for f in files}
-    builder = {"jsonl": "json"}.get(_get(spec, "ds_type"), _get(spec, "ds_type")) or (
-        kinds.pop() if len(kinds) == 1 else None)
+    ds_type = _get(spec, "ds_type")
+    builder = ("json" if ds_type == "jsonl" else ds_type) or (kinds.pop() if len(kinds) == 1 else None)
     if builder is None:
         raise DatasetError(f"dataset {path}: mixed or unknown file types; set ds_type (json, parquet, csv)")
     kwargs = {"field": _get(spec, "field")} if builder == "json" and _get(spec, "field") else {}
@@ -215,11 +218,6 @@ def _row_error(path: str, type_name: str, index: int, row: dict, error: Exceptio
     return DatasetError(f"dataset {path}, row {index}: transform {type_name} failed: {what}")
 
 
-def _batch_rows(batch: dict) -> list[dict]:
-    columns = list(batch)
-    return [dict(zip(columns, values)) for values in zip(*(batch[c] for c in columns))] if columns else []
-
-
 def _columns(rows: list[dict]) -> dict[str, list]:
     keys: dict[str, None] = {}
     for row in rows:
@@ -230,61 +228,48 @@ def _columns(rows: list[dict]) -> dict[str, list]:
 def apply_transform(
     ds: "datasets.Dataset", fn: Callable, options: dict, *, tokenizer: Any, path: str, type_name: str
 ) -> "datasets.Dataset":
-    """Map `fn` over `ds` with the transform's options. Always a batched map underneath, so that
-    one row may become several (`explode`) and any failure can name its row, over the whole
-    dataset as one batch: Arrow infers each column's type from every row at once, so a column
-    that is `[]` in early rows (`remaining_turns`) and a list of messages later still unifies."""
+    """`fn` over every row of `ds` with the transform's options (`remove_columns`, `batched`,
+    `explode`: see `ebft_engine.transforms`); a failing row is named in the error.
+
+    The result is built in one go rather than by `Dataset.map`'s batches: Arrow then infers each
+    column's type from all rows at once, so a column that is `[]` in early rows
+    (`remaining_turns`) and holds messages later still gets one type."""
+    import datasets
+
     remove = options.get("remove_columns")
-    remove_columns = ds.column_names if remove == "__all__" else [c for c in (remove or []) if c in ds.column_names]
-    batched = bool(options.get("batched"))
-    explode = bool(options.get("explode"))
+    removed = set(ds.column_names if remove == "__all__" else remove or [])
+    if options.get("batched"):
+        batch = ds.to_dict()
+        try:
+            out = dict(fn(batch, tokenizer=tokenizer))
+        except Exception as error:
+            raise DatasetError(f"dataset {path}: transform {type_name} (batched) failed: "
+                               f"{type(error).__name__}: {error}") from error
+        kept = {c: v for c, v in batch.items() if c not in removed and c not in out}
+        if kept and any(len(v) != len(ds) for v in out.values()):
+            raise DatasetError(f"dataset {path}: transform {type_name} changes the number of rows, "
+                               f"so it must remove every original column (remove_columns: __all__)")
+        return datasets.Dataset.from_dict({**kept, **out})
 
-    def mapper(batch: dict, indices: list[int]) -> dict:
-        if batched:
-            try:
-                out = dict(fn(batch, tokenizer=tokenizer))
-            except Exception as error:
-                raise DatasetError(
-                    f"dataset {path}, rows {indices[0]}-{indices[-1]}: transform {type_name} failed: "
-                    f"{type(error).__name__}: {error}"
-                ) from error
-            kept = {c: v for c, v in batch.items() if c not in remove_columns and c not in out}
-            if kept and any(len(v) != len(indices) for v in out.values()):
-                raise DatasetError(f"dataset {path}: transform {type_name} changes the number of rows, "
-                                   f"so it must remove every original column (remove_columns: __all__)")
-            return {**kept, **out}
-        rows = _batch_rows(batch)
-        outputs: list[dict] = []
-        for index, row in zip(indices, rows):
-            try:
-                out = fn(row, tokenizer=tokenizer)
-            except Exception as error:
-                raise _row_error(path, type_name, index, row, error) from error
-            if not isinstance(out, dict):
-                raise DatasetError(f"dataset {path}, row {index}: transform {type_name} returned "
-                                   f"{type(out).__name__}, not a dict")
-            base = {c: v for c, v in row.items() if c not in remove_columns}
-            if explode:
-                lengths = {len(v) for v in out.values()}
-                if len(lengths) > 1:
-                    raise DatasetError(f"dataset {path}, row {index}: transform {type_name} (explode) "
-                                       f"returned lists of different lengths")
-                outputs += [{**base, **{k: v[i] for k, v in out.items()}} for i in range(lengths.pop() if lengths else 0)]
-            else:
-                outputs.append({**base, **out})
-        return _columns(outputs)
-
-    return ds.map(
-        mapper,
-        batched=True,
-        batch_size=None,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        keep_in_memory=True,
-        load_from_cache_file=False,
-        new_fingerprint=f"ebft-{abs(hash((path, type_name, ds._fingerprint)))}",
-        desc=f"{type_name} on {path}",
-    )
+    outputs: list[dict] = []
+    for index, row in enumerate(ds):
+        try:
+            out = fn(row, tokenizer=tokenizer)
+        except Exception as error:
+            raise _row_error(path, type_name, index, row, error) from error
+        if not isinstance(out, dict):
+            raise DatasetError(f"dataset {path}, row {index}: transform {type_name} returned "
+                               f"{type(out).__name__}, not a dict")
+        kept = {c: v for c, v in row.items() if c not in removed}
+        if not options.get("explode"):
+            outputs.append({**kept, **out})
+            continue
+        lengths = {len(v) for v in out.values()}
+        if len(lengths) > 1:
+            raise DatasetError(f"dataset {path}, row {index}: transform {type_name} (explode) "
+                               f"returned lists of different lengths")
+        outputs += [{**kept, **{k: v[i] for k, v in out.items()}} for i in range(lengths.pop() if lengths else 0)]
+    return datasets.Dataset.from_dict(_columns(outputs))
 
 
 def load_dataset_rows(spec: Any, *, tokenizer: Any, cfg: Any) -> "datasets.Dataset":

@@ -92,6 +92,7 @@ def test_local_folder_with_split_files(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", PAIRS[8:])
     assert ids(load_source({"path": str(tmp_path), "split": "train[:2]"})) == [0, 1]
     assert ids(load_source({"path": str(tmp_path), "split": "test"})) == [8, 9]
+    assert ids(load_source({"path": str(tmp_path), "data_files": ["test.jsonl"], "split": "train[:1]"})) == [8]
     with pytest.raises(DatasetError, match=r"no split 'validation' \(its files hold test, train\)"):
         load_source({"path": str(tmp_path), "split": "validation"})
 
@@ -145,6 +146,25 @@ def test_custom_transform_module_and_kept_columns(tmp_path, monkeypatch, tok):
     assert ds.column_names == ["prompt", "ground_truth"] and ds[1]["ground_truth"] == "so"
     ds = load_dataset_rows({"path": "qa.jsonl", "type": "qa_custom.keep"}, tokenizer=tok, cfg=cfg())
     assert sorted(ds.column_names) == ["n_tokens", "q", "src"] and ds[0]["n_tokens"] > 0
+
+
+def test_axolotl_style_batched_transform(tmp_path, monkeypatch, tok):
+    (tmp_path / "qa_batched.py").write_text(textwrap.dedent("""
+        def transform(cfg, **kwargs):
+            def transform_fn(examples, tokenizer=None):
+                prompts, answers = [], []
+                for q, a in zip(examples["q"], examples["a"]):
+                    for part in a.split("|"):
+                        prompts.append([{"role": "user", "content": q}])
+                        answers.append(part)
+                return {"prompt": prompts, "ground_truth": answers}
+            return transform_fn, {"remove_columns": "__all__", "batched": True}
+    """))
+    write_jsonl(tmp_path / "qa.jsonl", [{"q": "one", "a": "x"}, {"q": "two", "a": "y|z"}])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ds = load_dataset_rows({"path": "qa.jsonl", "type": "qa_batched.transform"}, tokenizer=tok, cfg=cfg())
+    assert ds["ground_truth"] == ["x", "y", "z"] and ds.column_names == ["prompt", "ground_truth"]
 
 
 def test_a_bad_row_names_dataset_row_and_field(tmp_path, tok):

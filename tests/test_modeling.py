@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from ebft_engine import modeling
 from ebft_engine.modeling import (
     BUILTIN_SMOLLM2,
@@ -27,6 +26,17 @@ from ebft_engine.modeling import (
 )
 
 CPU = torch.device("cpu")
+
+
+def make_tiny_llama(vocab_size: int = 97, layers: int = 2):
+    """A random fp32 Llama (not conftest's: `from conftest import` is ambiguous across test folders)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ))
 
 
 @pytest.fixture(scope="module")
