@@ -16,7 +16,8 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "[bootstrap] installing dependencies (torch CPU build first: an unpinned torch pulls CUDA wheels)"
   python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if ! python -c "import torch" 2>/dev/null; then
-    python -m pip install -q "torch==${EBFT_TORCH_VERSION:-2.13.0}"
+    # torch==2.13.0 is the CPU build served to these machines; set EBFT_TORCH_SPEC to choose another.
+    python -m pip install -q "${EBFT_TORCH_SPEC:-torch==2.13.0}"
   fi
   python -m pip install -q -e ".[test]"
   # SmolLM2-135M-Instruct as GGUF; its __init__ imports packages we do not want, so no deps.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from tiny_models import make_tiny_llama
 from ebft_engine.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
                                     load_weights, restore_rng, save_checkpoint)
 from ebft_engine.modeling import apply_lora

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_llama
+from tiny_models import make_tiny_llama
 from ebft_engine.features import (
     EMBED_METHODS,
     feature_layer_indices,

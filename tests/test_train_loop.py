@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny_llama
+from tiny_models import make_tiny_llama
 from ebft_engine.config import load_config
 from ebft_engine.metrics import read_records
 from ebft_engine.stepper import StepResult
