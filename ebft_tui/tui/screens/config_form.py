@@ -88,6 +88,7 @@ def parse_text(text: str, field: dict[str, Any]) -> tuple[Any, str | None]:
             value = int(text.replace("_", ""))
         except ValueError:
             return None, "must be a whole number"
+        return value, range_error(value, field)
     elif ftype == "float":
         try:
             value = float(text)
@@ -95,6 +96,7 @@ def parse_text(text: str, field: dict[str, Any]) -> tuple[Any, str | None]:
             return None, "must be a number (e.g. 0.5 or 1e-5)"
         if not math.isfinite(value):
             return None, "must be a finite number"
+        return value, range_error(value, field)
     elif ftype in ("list", "dict"):
         try:
             value = yaml.safe_load(text)
@@ -107,10 +109,27 @@ def parse_text(text: str, field: dict[str, Any]) -> tuple[Any, str | None]:
             return None, "must be a YAML mapping, e.g. {a: 1}"
     else:
         value = text
-    lo = field.get("min")
-    if lo is not None and ftype in NUMERIC and value < lo:
-        return None, f"must be ≥ {lo}"
+    if ftype == "list" and field.get("item_type") in NUMERIC + ("str",):
+        kind = {"int": int, "float": (int, float), "str": str}[field["item_type"]]
+        if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            return None, f"must be a list of {field['item_type']} values"
     return value, None
+
+
+def range_error(value: float, field: dict[str, Any]) -> str | None:
+    """The schema's bounds (`min`/`max`, each possibly exclusive) as the message a user reads."""
+    lo, hi = field.get("min"), field.get("max")
+    if lo is not None:
+        if field.get("min_exclusive") and value <= lo:
+            return f"must be > {lo:g}"
+        if value < lo:
+            return f"must be ≥ {lo:g}"
+    if hi is not None:
+        if field.get("max_exclusive") and value >= hi:
+            return f"must be < {hi:g}"
+        if value > hi:
+            return f"must be ≤ {hi:g}"
+    return None
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -168,7 +187,8 @@ class FieldRow(Vertical):
                 yield select
             else:
                 default = self.field.get("default")
-                placeholder = f"default: {display_text(default, self.ftype)}" if default is not None else "unset"
+                placeholder = (f"default: {display_text(default, self.ftype)}" if default not in (None, "", [], {})
+                               else "unset")
                 inp = Input(value=display_text(self.initial, self.ftype) if self.in_preset else "",
                             placeholder=placeholder, id=self.id + "-w", compact=True)
                 inp.tooltip = description or None
@@ -242,6 +262,7 @@ class ConfigFormScreen(Screen):
         self.preset_config: dict[str, Any] = raw if isinstance(raw, dict) else {}
         self.flat = flatten(self.preset_config)
         self.rows: dict[str, FieldRow] = {}
+        self.filter_text = ""
         self.generation = 0
         self.pending = True
         self.engine_problems: list[tuple[str, str]] = []
@@ -254,7 +275,7 @@ class ConfigFormScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header(show_clock=False)
         with Horizontal(id="form-top"):
-            yield Static(f"[b]{self.preset.name}[/b] · {self.preset.mode} · {self.preset.model}",
+            yield Static(f"[b]{self.preset.name}[/b] · {self.preset.mode}",
                          id="form-title")
             yield Input(placeholder="/ find a field", id="form-filter", compact=True)
             yield Static("checking…", id="form-status")
@@ -288,7 +309,8 @@ class ConfigFormScreen(Screen):
         self.sub_title = f"parameters of {self.preset.name}"
         for row in self.rows.values():
             row.show_problem()
-        first = next(iter(self.rows.values()), None)
+        self.refresh_visibility()
+        first = next((r for r in self.rows.values() if r.display), None)
         if first is not None:
             try:
                 first.editor.focus()
@@ -317,6 +339,8 @@ class ConfigFormScreen(Screen):
         row.local_error = row.read()[1]
         row.engine_error = None
         row.show_problem()
+        if row.key == "ebft.mode":
+            self.refresh_visibility()
         self.schedule_validation()
 
     @on(Input.Changed)
@@ -349,16 +373,32 @@ class ConfigFormScreen(Screen):
             return
         f = row.field
         bits = [f"[b]{row.key}[/b] ({row.ftype})"]
-        if f.get("default") is not None:
+        if f.get("default") not in (None, "", [], {}):
             bits.append(f"default {display_text(f['default'], row.ftype)}")
         if f.get("choices"):
             bits.append("one of " + ", ".join(map(str, f["choices"])))
         help_line.update(" · ".join(bits) + "\n" + str(f.get("description") or ""))
 
+    def current_mode(self) -> str:
+        """`strided` or `structured`: what the mode field says now (fields of the other hide)."""
+        row = self.rows.get("ebft.mode")
+        if row is not None:
+            value, error = row.read()
+            if error is None and value:
+                return str(value)
+        return "strided" if str(self.preset.mode).startswith("strided") else "structured"
+
     def filter_fields(self, text: str) -> None:
-        text = text.strip().lower()
+        self.filter_text = text.strip().lower()
+        self.refresh_visibility()
+
+    def refresh_visibility(self) -> None:
+        """Show the rows that match the find box and belong to the current mode."""
+        text, mode = self.filter_text, self.current_mode()
         for key, row in self.rows.items():
-            row.display = not text or text in key.lower() or text in str(row.field.get("description", "")).lower()
+            other_mode = row.field.get("mode") not in (None, mode)
+            matches = not text or text in key.lower() or text in str(row.field.get("description", "")).lower()
+            row.display = matches and not other_mode
         for coll in self.query(Collapsible):
             visible = any(r.display for r in coll.query(FieldRow))
             coll.display = visible

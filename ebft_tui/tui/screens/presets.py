@@ -28,7 +28,7 @@ def preset_matches(preset: Any, text: str) -> bool:
 def gpus_label(gpus: Any) -> str:
     if not gpus:
         return "CPU"
-    return f"{gpus} GPU" if isinstance(gpus, int) else str(gpus)
+    return f"{gpus} GPU{'s' if gpus != 1 else ''}" if isinstance(gpus, int) else str(gpus)
 
 
 class PresetsScreen(Screen):
@@ -77,7 +77,7 @@ class PresetsScreen(Screen):
         self.title = "ebft-tui"
         self.sub_title = "pick a preset"
         table = self.query_one(DataTable)
-        table.add_columns("preset", "mode", "model", "device")
+        table.add_columns("preset", "mode", "device", "model")
         self.refilter("")
         self.query_one("#preset-filter", Input).focus()
 
@@ -86,7 +86,7 @@ class PresetsScreen(Screen):
         table.clear()
         self.shown = [p for p in self.presets if preset_matches(p, text)]
         for p in self.shown:
-            table.add_row(p.name, p.mode or "?", _short(p.model), gpus_label(p.gpus), key=p.name)
+            table.add_row(p.name, p.mode or "?", gpus_label(p.gpus), _short(p.model), key=p.name)
         self.preview(self.shown[0] if self.shown else None)
 
     @property

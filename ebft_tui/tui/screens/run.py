@@ -41,26 +41,29 @@ SAMPLE_S = 1.0
 MAX_HINTS = 6
 
 
-def out_of_range(history: MetricHistory, key: str) -> bool:
-    """The last value left the spec's healthy range, or reached its alarm value."""
-    series = history.series(key)
-    if series.n_total == 0:
-        return False
-    if history.health(key) == "bad":
-        return True
-    rng = healthy_range(key, history.whitening)
-    last = series.last
-    return rng is not None and last is not None and not (rng[0] <= last <= rng[1])
+def range_text(rng: tuple[float, float]) -> str:
+    lo, hi = rng
+    return f"above {lo:g}" if hi == float("inf") else f"{lo:g}–{hi:g}"
 
 
 def hint_lines(history: MetricHistory, keys: list[str]) -> list[str]:
-    """Troubleshooting hints: metrics out of range, then the run's own warning/error records."""
+    """Troubleshooting hints, newest concerns last: a metric past the spec's alarm value gets the
+    spec's fix; one merely outside its healthy range is named; then the run's own warning and
+    error records (the engine's live checks)."""
     lines = []
     for key in keys:
-        if out_of_range(history, key):
-            spec = METRICS[key]
-            lines.append(f"[b]{spec.label}[/b] {spec.format(history.series(key).last_raw)}: {escape(spec.hint)}")
-    for kind, style, records in (("error", "b red", history.errors[-2:]), ("warning", "b yellow", history.warnings[-3:])):
+        series = history.series(key)
+        if series.n_total == 0:
+            continue
+        spec = METRICS[key]
+        value = spec.format(series.last_raw)
+        rng = healthy_range(key, history.whitening)
+        if history.health(key) == "bad":
+            lines.append(f"[b red]{spec.label} {value}[/]: {escape(spec.hint)}")
+        elif rng is not None and series.last is not None and not (rng[0] <= series.last <= rng[1]):
+            lines.append(f"[b yellow]{spec.label} {value}[/] is outside its healthy range {range_text(rng)}")
+    for kind, style, records in (("error", "b red", history.errors[-2:]),
+                                 ("warning", "b yellow", history.warnings[-3:])):
         for rec in records:
             hint = f" → {rec['hint']}" if rec.get("hint") else ""
             text = escape(f"step {rec.get('step', '?')}: {rec.get('message', '')}{hint}")
@@ -114,11 +117,12 @@ class RunScreen(Screen):
     RunScreen #run-state { width: 1fr; }
     RunScreen #run-dir { width: auto; color: $text-muted; }
     RunScreen RunProgress { padding: 0 1; margin-bottom: 0; }
-    RunScreen #cards { grid-size: 3 2; grid-gutter: 0 1; height: 14; padding: 0 1; }
+    RunScreen #cards { grid-size: 3 2; grid-gutter: 0 1; height: 3fr; min-height: 14; max-height: 22;
+                       padding: 0 1; }
     RunScreen #hints { height: auto; max-height: 7; padding: 0 1; border: round $warning;
                        border-title-color: $warning; display: none; }
     RunScreen #hints.-shown { display: block; }
-    RunScreen TabbedContent { height: 1fr; }
+    RunScreen TabbedContent { height: 2fr; min-height: 8; }
     RunScreen TabPane { padding: 0; }
     """
 

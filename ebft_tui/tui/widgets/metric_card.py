@@ -68,7 +68,8 @@ class MetricCard(Vertical):
 
     DEFAULT_CSS = """
     MetricCard {
-        height: 7;
+        height: 1fr;
+        min-height: 7;
         border: round $panel-lighten-2;
         border-title-color: $text;
         padding: 0 1;
@@ -85,7 +86,7 @@ class MetricCard(Vertical):
     MetricCard .card-arrow.-with { color: $success; }
     MetricCard .card-arrow.-against { color: $error; }
     MetricCard .card-arrow.-flat { color: $text-muted; }
-    MetricCard Sparkline { height: 2; margin: 0; }
+    MetricCard Sparkline { height: 1fr; min-height: 2; margin: 0; }
     MetricCard .card-foot { color: $text-muted; height: 2; }
     """
 
