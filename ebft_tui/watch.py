@@ -55,7 +55,7 @@ def run_status(rd: RunDir, history: MetricHistory) -> str:
 
 
 def summary_lines(rd: RunDir, history: MetricHistory, status: str) -> list[str]:
-    lines = [f"run {rd.path}: {status}"]
+    lines = [f"run {rd.path.resolve()}: {status}"]
     if history.max_steps:
         lines[0] += f", step {history.step}/{history.max_steps}"
     if history.first_ts and history.last_ts:
