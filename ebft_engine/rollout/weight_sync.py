@@ -10,7 +10,8 @@ the base model with the adapter disabled, and a bf16 merge/unmerge would drift i
     POST /v1/load_lora_adapter {"lora_name": "ebft-policy-v7", "lora_path": ..., "load_inplace": false}
     POST /v1/unload_lora_adapter {"lora_name": "ebft-policy-v5"}      (keep = 2)
 
-Full fine-tuning: save the whole model (safetensors, HF names) to `<sync_dir>/step-N`, then
+Full fine-tuning (or LoRA without `vllm_lora_sync`: then base + LoRA delta as a *copy*): save the
+whole model (safetensors, HF names) to `<sync_dir>/step-N`, then
 pause (drain) -> `POST /collective_rpc reload_weights {weights_path}` -> reset prefix cache ->
 update weight version -> resume. The served name stays the base name; the version is tracked here.
 
@@ -142,6 +143,36 @@ class LoRASync:
         self._delete_next = []
 
 
+def save_merged_copy(model, out_dir: str | os.PathLike) -> None:
+    """A peft model's base weights plus its LoRA deltas, as new tensors under the plain HF names.
+
+    The trainer's base weights are never touched (no merge_adapter): the frozen feature network
+    is the base model with the adapter disabled."""
+    import torch
+    from safetensors.torch import save_file
+
+    base = model.get_base_model()
+    deltas = {}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if not (hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")):
+                continue
+            names = [a for a in getattr(module, "active_adapters", [])
+                     if a in getattr(module, "lora_A", {})]
+            if names:
+                deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in names)
+        tensors = {}
+        for key, value in base.state_dict().items():
+            if "lora_" in key:
+                continue
+            t = value.detach()
+            if key in deltas:
+                t = t + deltas[key].to(t.dtype)
+            tensors[key.replace(".base_layer.", ".")] = t.to("cpu").clone().contiguous()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(Path(out_dir) / "model.safetensors"))
+
+
 class FullSync:
     """Full-weight publishing through a safetensors folder and the server's reload_weights."""
 
@@ -157,8 +188,13 @@ class FullSync:
 
     def publish(self, model, version: int) -> str:
         t0 = time.perf_counter()
-        path = _atomic_save(lambda d: model.save_pretrained(str(d), safe_serialization=True),
-                            self.sync_dir, f".tmp-step-{version}", f"step-{version}")
+        if hasattr(model, "peft_config"):  # LoRA without vllm_lora_sync: a merged copy
+            def save(d):
+                save_merged_copy(model, d)
+        else:
+            def save(d):
+                model.save_pretrained(str(d), safe_serialization=True)
+        path = _atomic_save(save, self.sync_dir, f".tmp-step-{version}", f"step-{version}")
         t1 = time.perf_counter()
         self.client.pause("wait")  # drain: every completion comes from a single policy
         try:

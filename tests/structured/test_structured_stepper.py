@@ -260,3 +260,76 @@ def test_tokenizer_helper_matches_the_template():
                                       add_generation_prompt=True, tokenize=False),
               add_special_tokens=False)["input_ids"]
     assert ids[0] == 4 and ids[-2:] == [END, 5]
+
+
+def test_full_finetune_end_to_end(tiny_model_dir, tiny_server, tmp_path):
+    """No adapter: a frozen feature copy, all weights train, reload_weights publishes them."""
+    url, log = tiny_server
+    cfg = structured_config(tiny_model_dir, port_of(url), tmp_path / "run", adapter=None,
+                            max_steps=3, trl={"vllm_lora_sync": False})
+    model, tok, dev, dt = build(cfg)
+    stepper = StructuredStepper(cfg, model, tok, dev, dt)
+    assert stepper.feature_model is not model
+    assert all(not p.requires_grad for p in stepper.feature_model.parameters())
+    loop = Loop(stepper, model, ROWS, lr=1e-3)
+    results = [loop.step(s) for s in (1, 2)]
+    stepper.close()
+    assert "collective_rpc reload_weights" in log.read_text()
+    assert results[1].metrics["sync_version"] == 1.0
+    # the served weights are the trained ones: importance weights stay ~1
+    assert abs(results[1].metrics["is_ratio_min"] - 1.0) < 1e-3
+    # the feature network did not move with the trained weights
+    ref = build(cfg)[0]
+    for (n, p), (_, q) in zip(stepper.feature_model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_streaming_scores_each_group_as_it_arrives(tiny_model_dir, tmp_path):
+    """Per-prompt requests, and the same rewards as scoring the batch at once."""
+    proc, url, record, _ = start_fake(tmp_path, "ok")
+    try:
+        out = {}
+        for streaming in (False, True):
+            cfg = structured_config(tiny_model_dir, port_of(url), tmp_path / f"run{streaming}",
+                                    max_steps=1, ebft={"adaptive_max_tokens": False},
+                                    trl={"async_prefetch": True,
+                                         "streaming_partial_batch": streaming})
+            model, tok, dev, dt = build(cfg)
+            stepper = StructuredStepper(cfg, model, tok, dev, dt)
+            assert stepper.streaming is streaming
+            start = len(records(record))
+            out[streaming] = stepper.run_step(ROWS[:2], 1).metrics
+            stepper.close()
+            reqs = [r["body"] for r in records(record)[start:] if r["path"] == "/v1/completions"]
+            assert [len(b["prompt"]) for b in reqs] == ([1, 1] if streaming else [2])
+        for key in ("ebft/alignment", "ebft/diversity", "ebft/cfm_loss", "ebft/reward", "loss"):
+            assert abs(out[True][key] - out[False][key]) < 1e-5, key
+    finally:
+        stop_server(proc, grace_s=2)
+
+
+def test_adaptive_max_tokens_and_client_side_truncation(tiny_model_dir, tmp_path):
+    from ebft_engine.data import render_prompt_ids
+
+    proc, url, record, _ = start_fake(tmp_path, "ok")
+    try:
+        cfg = structured_config(tiny_model_dir, port_of(url), tmp_path / "run",
+                                ebft={"gt_length_multiplier": 1.5})
+        model, tok, dev, dt = build(cfg)
+        stepper = StructuredStepper(cfg, model, tok, dev, dt)
+        long_prompt = "x" * 600  # longer than the server's max_model_len (512)
+        rows = [{"prompt": "hi", "ground_truth": "five"},            # 4 tokens -> 6
+                {"prompt": long_prompt, "ground_truth": "y" * 40}]    # capped at 12
+        with pytest.warns(UserWarning, match="cut from the left"):
+            stepper.run_step(rows, 1)
+        stepper.close()
+        bodies = [r["body"] for r in records(record) if r["path"] == "/v1/completions"]
+        by_mt = {b["max_tokens"]: b["prompt"] for b in bodies}
+        assert sorted(by_mt) == [6, 12]
+        assert "truncate_prompt_tokens" not in bodies[0]
+        cut = by_mt[12][0]
+        full = render_prompt_ids(tok, long_prompt)
+        assert len(cut) + 12 == 512 and cut == full[-len(cut):]
+        assert by_mt[6][0] == render_prompt_ids(tok, "hi")
+    finally:
+        stop_server(proc, grace_s=2)

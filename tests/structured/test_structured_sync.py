@@ -123,3 +123,25 @@ def test_full_sync_reloads_weights(tiny_model_dir, tmp_path):
         assert "resume" in log
     finally:
         stop_server(proc, grace_s=5)
+
+
+def test_full_sync_of_a_lora_model_serves_a_merged_copy(tiny_model_dir, tmp_path):
+    """LoRA without vllm_lora_sync: the server gets base + delta; the trainer's base is untouched."""
+    proc, url = start_hf_server(tiny_model_dir, tmp_path / "server.log")
+    try:
+        client = GenerationClient(url)
+        peft_model = make_peft(seed=5)
+        peft_model.eval()
+        before = {k: v.clone() for k, v in peft_model.get_base_model().state_dict().items()
+                  if "lora_" not in k}
+        FullSync(client, tmp_path / "full-sync").publish(peft_model, 1)
+        after = peft_model.get_base_model().state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items())
+        c = client.completions([PROMPT], n=2, max_tokens=8, seed=4)
+        for comp in c:
+            assert max_diff(comp.logprobs, hf_logprobs(peft_model, PROMPT, comp.token_ids, 1.0)) < 1e-4
+            with peft_model.disable_adapter():
+                base = hf_logprobs(peft_model, PROMPT, comp.token_ids, 1.0)
+            assert max_diff(comp.logprobs, base) > 1e-2
+    finally:
+        stop_server(proc, grace_s=5)
