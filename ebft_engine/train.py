@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -317,7 +318,7 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
             print(f"resumed from {resumed_from or 'the start'} at step {step}{rerun}", flush=True)
         note = ("; use_whitening: diversity is ~0 by construction, its healthy range does not apply"
                 if monitor.use_whitening else "")
-        log.status("training", step, f"training {cfg.mode} on {device} ({dtype}), "
+        log.status("training", step, f"training {cfg.mode} on {device} ({str(dtype).removeprefix('torch.')}), "
                                      f"{len(data)} rows, {stepper.rows_per_step} per step{note}")
 
         # ---- the loop
@@ -345,7 +346,9 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
                 return EXIT_NONFINITE
             if not result.skipped:
                 optimizer.step()
-            scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows the step count, skipped or not
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             stepper.after_optimizer_step(step + 1)
             step += 1
@@ -370,6 +373,8 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
             if step % save_steps == 0 or step == max_steps:
                 _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml)
                 saved_step = step
+                if step < max_steps:
+                    log.status("training", step, "")
 
         if step < max_steps:  # stopped by a signal: keep the progress, then exit 128+signal
             if step > saved_step:
