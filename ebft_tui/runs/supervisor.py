@@ -141,8 +141,7 @@ _atexit_installed = False
 
 def _kill_all_sync(grace_s: float = 2.0) -> None:
     """Last resort when the launcher exits without stopping its children (atexit, fatal signal)."""
-    groups = [st.pgid for sup in list(_live) for st in sup._states.values() if st.pgid and st.alive]
-    groups += [pg for sup in list(_live) for pg in sup._groups if pg not in groups and group_members(pg)]
+    groups = [pg for sup in list(_live) for pg in sup._groups if group_members(pg)]
     if not groups:
         return
     for pg in groups:
@@ -182,11 +181,13 @@ class Supervisor:
             p.name: ProcState(p.name, None, None, "starting") for p in plan.processes
         }
         self._watchers: dict[str, asyncio.Task] = {}
-        self._groups: list[int] = []  # every pgid we ever created
+        # pgids not yet seen empty; only these are ever signalled (a pid, once free, can be reused)
+        self._groups: set[int] = set()
         self._stop_lock: asyncio.Lock | None = None
         self._stopping = False
         self._stop_task: asyncio.Task | None = None
         self.user_stopped = False
+        self._restarting = False
         self.launched_at: float | None = None
         self.status = "idle"
 
@@ -319,7 +320,7 @@ class Supervisor:
                 cwd=str(spec.cwd) if spec.cwd else None,
             )
         self._procs[spec.name] = proc
-        self._groups.append(proc.pid)
+        self._groups.add(proc.pid)
         self._states[spec.name] = ProcState(spec.name, proc.pid, proc.pid, "starting", started_at=time.time())
         self._watchers[spec.name] = asyncio.get_running_loop().create_task(self._watch(spec, proc))
         self._emit("started", spec.name, shlex.join(spec.argv))
@@ -332,7 +333,7 @@ class Supervisor:
         st.ended_at = time.time()
         # Grandchildren of a leader that exited on its own may still hold the group (and a GPU).
         if not self._stopping:
-            await reap_group(proc.pid, self.stop_grace_s)
+            await self._reap(proc.pid, self.stop_grace_s)
         if st.state == "failed":  # already reported (readiness)
             pass
         elif self._stopping:
@@ -361,7 +362,7 @@ class Supervisor:
             except asyncio.TimeoutError:
                 signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        await reap_group(proc.pid, grace_s)
+        await self._reap(proc.pid, grace_s)
         watcher = self._watchers.get(name)
         if watcher is not None:
             await asyncio.shield(watcher)
@@ -384,14 +385,20 @@ class Supervisor:
         """SIGKILL every group now (second Ctrl+C). A `stop()` in flight then finishes quickly."""
         self._stopping = True
         self.user_stopped = True
-        for st in self._states.values():
-            if st.pgid:
-                signal_group(st.pgid, signal.SIGKILL)
+        for pgid in list(self._groups):
+            signal_group(pgid, signal.SIGKILL)
+
+    async def _reap(self, pgid: int, grace_s: float) -> None:
+        if await reap_group(pgid, grace_s):
+            self._groups.discard(pgid)
 
     async def wait(self) -> int:
         """Wait until the trainer has ended and every group is gone; the trainer's exit code
         (128+N when it died from signal N)."""
         while True:
+            if self._restarting:  # a wait() from before restart() follows the new processes
+                await asyncio.sleep(0.05)
+                continue
             watchers = list(self._watchers.values())
             if not watchers:
                 return 1  # nothing was started
@@ -407,12 +414,17 @@ class Supervisor:
         return 128 - rc if rc < 0 else rc
 
     async def restart(self) -> None:
-        await self.stop(reason="restart")
-        self._procs.clear()
-        self._watchers.clear()
-        self._stop_task = None
-        self._states = {p.name: ProcState(p.name, None, None, "starting") for p in self.plan.processes}
-        await self.start()
+        """Stop everything and start the plan again (the engine resumes from its last checkpoint)."""
+        self._restarting = True
+        try:
+            await self.stop(reason="restart")
+            self._procs.clear()
+            self._watchers.clear()
+            self._stop_task = None
+            self._states = {p.name: ProcState(p.name, None, None, "starting") for p in self.plan.processes}
+            await self.start()
+        finally:
+            self._restarting = False
 
     # -------------------------------------------------------------------------- signals
     def install_signal_handlers(

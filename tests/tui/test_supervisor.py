@@ -172,12 +172,16 @@ async def test_restart_starts_fresh_processes(tmp_path):
     plan = fake_plan(tmp_path / "run", ("--steps", "1", "--hang"))
     sup = Supervisor(plan)
     await sup.start()
+    waiter = asyncio.create_task(sup.wait())  # as the TUI does: wait() spans the restart
     pid1 = sup.state("trainer").pid
     await sup.restart()
     pid2 = sup.state("trainer").pid
     assert pid2 and pid2 != pid1 and sup.state("trainer").state == "running"
     assert wait_dead([pid1], 2) == []
+    await asyncio.sleep(0.3)
+    assert not waiter.done()
     await sup.stop(grace_s=2)
+    assert await asyncio.wait_for(waiter, 10) == 128 + signal.SIGTERM
     assert wait_dead([pid2], 2) == []
 
 
