@@ -15,7 +15,6 @@ import asyncio
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console, Group
@@ -307,9 +306,4 @@ def is_tty() -> bool:
         return sys.stdout.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def plan_summary(plan: LaunchPlan) -> str:
-    gpus = ",".join(str(g) for g in plan.gpus) if plan.gpus else "cpu"
-    return f"{plan.mode} run on {gpus} -> {Path(plan.run_dir)}"
 

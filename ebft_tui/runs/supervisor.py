@@ -14,8 +14,9 @@ from the event-loop thread. Rules (shared/notes/tui-conventions.md §6):
 - when any process ends on its own, the others are stopped (a server without a trainer, or a
   trainer without its server, has nothing to do);
 - RUN_DIR/state.json records pids, states, exit codes and stopped-by-user vs crashed;
-- launcher death: `install_signal_handlers()` (SIGTERM/SIGHUP -> stop) and an atexit fallback that
-  kills every live group synchronously.
+- launcher death: the launcher's own SIGTERM/SIGHUP handlers call `stop()` (headless mode, the
+  app); an atexit fallback kills every live group synchronously; for SIGKILL of the launcher the
+  children's `EBFT_PARENT_PID` watchdog takes their group down.
 """
 
 from __future__ import annotations
@@ -425,24 +426,3 @@ class Supervisor:
             await self.start()
         finally:
             self._restarting = False
-
-    # -------------------------------------------------------------------------- signals
-    def install_signal_handlers(
-        self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP), on_signal: Callable[[int], None] | None = None
-    ) -> None:
-        """SIGTERM/SIGHUP to the launcher (kill, SSH disconnect) stop the children too."""
-        loop = asyncio.get_running_loop()
-
-        def handler(sig: int) -> None:
-            if on_signal is not None:
-                on_signal(sig)
-            else:
-                loop.create_task(self.stop(reason="user"))
-
-        for sig in signals:
-            loop.add_signal_handler(sig, handler, sig)
-
-    def remove_signal_handlers(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGHUP)) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in signals:
-            loop.remove_signal_handler(sig)

@@ -150,3 +150,20 @@ def test_train_forwards_the_engine_exit_code(tmp_path):
 def test_serve_refuses_backend_args():
     res = runner.invoke(app, ["serve", demo_preset(), "--", "--max-num-seqs", "8"])
     assert res.exit_code == 2 and "vllm" in res.stderr
+
+
+def test_engine_bridge_validate_dict_and_schema():
+    from ebft_tui.engine import _schema_json, engine_argv, schema_fields, validate_dict
+
+    assert engine_argv("schema")[1:] == ["-m", "ebft_engine", "schema"]
+    fields = schema_fields()
+    keys = {f["key"] for f in fields}
+    assert {"base_model", "max_steps", "ebft.stride"} <= keys
+    misses = _schema_json.cache_info().misses
+    assert schema_fields() == fields and _schema_json.cache_info().misses == misses  # cached: no second subprocess
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "presets" / f"{demo_preset()}.yaml").read_text())
+    ok = validate_dict(cfg)
+    assert ok.ok and ok.config["ebft"]["mode"] == "strided" and ok.problems == []
+    cfg["ebft"]["stride"] = 0
+    bad = validate_dict(cfg)
+    assert not bad.ok and bad.config is None and [k for k, _ in bad.problems] == ["ebft.stride"]

@@ -152,3 +152,17 @@ def test_console_arrow_matches_the_engine_rule():
     assert console_arrow(1.0005, [1.0]) == "="  # inside the 1e-3 relative tolerance
     assert console_arrow(1.01, [1.0]) == "^"
     assert console_arrow(0.5, [9.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == "v"  # window of 5
+
+
+def test_typed_records():
+    from ebft_tui.runs.events import CheckpointRecord, MetricRecord, Record, RunRecord, StatusRecord, parse_record
+
+    m = parse_record({"v": 1, "ts": 1.0, "event": "metrics", "step": 3, "max_steps": 9, "ebft/alignment": 0.4,
+                      "ebft/cfm_loss": None, "note": "x"})
+    assert isinstance(m, MetricRecord) and m.step == 3 and m.max_steps == 9
+    assert m.values == {"ebft/alignment": 0.4, "ebft/cfm_loss": None}
+    assert isinstance(parse_record({"event": "status", "phase": "done"}), StatusRecord)
+    assert parse_record({"event": "checkpoint", "step": 2, "path": "p"}) == CheckpointRecord("checkpoint", None, 2, {"event": "checkpoint", "step": 2, "path": "p"}, "p")
+    assert isinstance(parse_record({"event": "run", "mode": "strided"}), RunRecord)
+    unknown = parse_record({"event": "future", "step": True})
+    assert type(unknown) is Record and unknown.step is None
