@@ -31,6 +31,7 @@ from ebft_tui import engine
 from ebft_tui.overrides import get_path
 from ebft_tui.presets import STRIDED, is_cpu_config, mode_of
 from ebft_tui.runs.layout import RunDir
+from ebft_tui.system.gpus import list_gpus, nvml_unavailable_reason, pick_free_gpus
 
 DEFAULT_PORT = 8000
 DEFAULT_READY_TIMEOUT_S = 600.0
@@ -117,8 +118,6 @@ def _choose_gpus(mode: str, cpu: bool, gpus: list[int] | None, warnings: list[st
         gpus = list(dict.fromkeys(int(g) for g in gpus))
         if not gpus:
             return []
-        from ebft_tui.system.gpus import list_gpus, nvml_unavailable_reason
-
         known = {g.index for g in list_gpus()}
         if known:
             bad = [g for g in gpus if g not in known]
@@ -132,8 +131,6 @@ def _choose_gpus(mode: str, cpu: bool, gpus: list[int] | None, warnings: list[st
         if len(gpus) < need:
             warnings.append("server and trainer share GPU %d" % gpus[0])
         return gpus
-    from ebft_tui.system.gpus import list_gpus, nvml_unavailable_reason, pick_free_gpus
-
     found = list_gpus()
     if not found:
         warnings.append(f"no GPU found ({nvml_unavailable_reason() or 'NVML sees none'}): running on the CPU")

@@ -100,8 +100,8 @@ def test_redact_env():
 
 def test_unknown_gpu_index_is_an_error_when_nvml_works(tmp_path, monkeypatch):
     from ebft_tui.runs import plan as plan_mod
-    from ebft_tui.system import gpus as gpus_mod
+    from ebft_tui.system.gpus import GpuInfo
 
-    monkeypatch.setattr(gpus_mod, "list_gpus", lambda: [gpus_mod.GpuInfo(0, "A", 0.0, 0.0, 1.0)])
+    monkeypatch.setattr(plan_mod, "list_gpus", lambda: [GpuInfo(0, "A", 0.0, 0.0, 1.0)])
     with pytest.raises(PlanError, match="no GPU with index 7"):
         plan_mod._choose_gpus("strided", False, [7], [])
