@@ -309,9 +309,6 @@ class EbftApp(App):
                 if name == "trainer" or rd.log(name).exists()}
         self.run_screen = RunScreen(rd.path, logs, readonly=True, title=rd.path.name)
         self.push_screen(self.run_screen)
-        state = rd.read_state()
-        if state:
-            self.run_screen.call_after_refresh(self.run_screen.set_state, _describe_state(state))
 
     def post_to_run_screen(self, message: Any) -> None:
         if self.run_screen is not None:
@@ -402,18 +399,6 @@ class EbftApp(App):
         if isinstance(self.screen, HelpScreen):
             return
         self.push_screen(HelpScreen(self.screen))
-
-
-def _describe_state(state: dict[str, Any]) -> str:
-    procs = state.get("processes") or {}
-    items = procs.values() if isinstance(procs, dict) else procs
-    parts = []
-    for p in items:
-        if isinstance(p, dict):
-            rc = p.get("returncode")
-            parts.append(f"{p.get('name', '?')}: {p.get('state', '?')}" + (f" ({rc})" if rc is not None else ""))
-    head = state.get("status") or state.get("state") or "watching (read-only)"
-    return f"watching (read-only) · {head}" + (f" · {', '.join(parts)}" if parts else "")
 
 
 def run_app(plan: Any | None = None, watch_dir: Path | None = None) -> int:

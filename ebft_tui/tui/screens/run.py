@@ -27,6 +27,7 @@ from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 from ebft_tui.catalog import METRICS, healthy_range
 from ebft_tui.metrics.history import MetricHistory
 from ebft_tui.overrides import get_path
+from ebft_tui.runs.layout import RunDir
 from ebft_tui.runs.tail import JsonlFollower, TextFollower
 from ebft_tui.tui.messages import (LogLines, MetricsBatch, ProcRow, ResourceSample, RunFinished,
                                    RunEvent)
@@ -178,7 +179,10 @@ class RunScreen(Screen):
         self.sub_title = f"{'watch' if self.readonly else 'run'}: {self.run_title}"
         self.poll_files()
         self.set_interval(POLL_S, self.poll_files)
-        if not self.readonly:
+        if self.readonly:
+            self.refresh_watch_state()
+            self.set_interval(SAMPLE_S, self.refresh_watch_state)
+        else:
             self.set_interval(SAMPLE_S, self.request_sample)
 
     def card(self, key: str) -> MetricCard:
@@ -248,6 +252,18 @@ class RunScreen(Screen):
     @on(ResourceSample)
     def _resources(self, message: ResourceSample) -> None:
         self.show_processes(message.rows)
+
+    def refresh_watch_state(self) -> None:
+        """Watch mode: the launcher's `state.json` says what runs (we own no process)."""
+        state = RunDir(self.run_dir).read_state()
+        if not state:
+            return
+        procs = state.get("processes") or []
+        rows = [ProcRow(name=str(p.get("name", "?")), state=str(p.get("state", "?")), pid=p.get("pid"),
+                        returncode=p.get("returncode")) for p in procs if isinstance(p, dict)]
+        self.show_processes(rows)
+        self.set_state(f"watching (read-only) · {state.get('status', '?')}"
+                       + (f" · {describe_states(rows)}" if rows else ""))
 
     def show_processes(self, rows: list[ProcRow]) -> None:
         self.query_one(ProcessTable).show(rows)
