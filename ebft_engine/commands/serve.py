@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="port to listen on (default: trl.vllm_server_port; 0 = any free port)")
     parser.add_argument("--host", default=None,
                         help="address to listen on (default: trl.vllm_server_host, else 127.0.0.1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="hf backend: torch CPU threads (default: torch's choice / OMP_NUM_THREADS)")
     parser.add_argument("--print-argv", action="store_true",
                         help="print the server command line and exit (vllm backend)")
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     _start_watchdog()
     try:
         if cfg.vllm.backend == "hf":
-            return _serve_hf(cfg, host, port)
+            return _serve_hf(cfg, host, port, threads=args.threads)
         return _serve_vllm(cfg, host, port, print_only=args.print_argv)
     except ServerError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -75,9 +77,11 @@ def _start_watchdog() -> None:
         start()
 
 
-def _serve_hf(cfg, host: str, port: int) -> int:
+def _serve_hf(cfg, host: str, port: int, threads: int | None = None) -> int:
     import torch
 
+    if threads:
+        torch.set_num_threads(int(threads))
     from ebft_engine.rollout import vllm_launcher as launcher
     from ebft_engine.rollout.hf_server import load_state, log, serve
 
@@ -85,8 +89,12 @@ def _serve_hf(cfg, host: str, port: int) -> int:
     device = str(getattr(cfg, "device", "auto") or "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not threads and "OMP_NUM_THREADS" not in os.environ:
+        # the trainer runs beside us on the same cores: take half, not all (oversubscribed
+        # OpenMP threads spin and slow both processes down many times over)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     rank = launcher.lora_rank_flag(int(cfg.lora_r)) if launcher.uses_lora(cfg) else 64
-    log(f"loading {cfg.base_model} ({model_path}) on {device}")
+    log(f"loading {cfg.base_model} ({model_path}) on {device}, {torch.get_num_threads()} threads")
     state = load_state(model_path, max_model_len=launcher.max_model_len(cfg),
                        dtype=launcher.hf_dtype(cfg), device=device, seed=int(cfg.seed),
                        max_lora_rank=rank, gguf_file=gguf_file)

@@ -39,14 +39,16 @@ class Timeouts:
     """Seconds. A completion request may take `read_base + max_tokens * read_per_token`, capped."""
 
     connect: float = 5.0
-    read_base: float = 60.0
+    read_base: float = 120.0
     read_per_token: float = 0.25
+    """Per sampled token (max_tokens x prompts x n): generous, this only detects a stuck server."""
     read_cap: float = 900.0
     control: float = 120.0
     """Adapter loads, weight reloads, pause/resume."""
 
-    def completion_read(self, max_tokens: int, n_prompts: int = 1) -> float:
-        return min(self.read_cap, self.read_base + self.read_per_token * max_tokens * max(1, n_prompts))
+    def completion_read(self, max_tokens: int, n_prompts: int = 1, n: int = 1) -> float:
+        tokens = max_tokens * max(1, n_prompts) * max(1, n)
+        return min(self.read_cap, self.read_base + self.read_per_token * tokens)
 
 
 class GenerationClient:
@@ -261,7 +263,7 @@ class GenerationClient:
         body = {"model": model or BASE_MODEL_NAME, "prompt": prompts, "n": int(n),
                 **spec.to_request(), "logprobs": 0, "return_token_ids": True,
                 "return_tokens_as_token_ids": True, "skip_special_tokens": False}
-        timeout = self.timeouts.completion_read(spec.max_tokens, len(prompts))
+        timeout = self.timeouts.completion_read(spec.max_tokens, len(prompts), n)
         r = self._request("POST", "/v1/completions", json=body, timeout=timeout)
         return parse_completions(self._json(r, "/v1/completions"), len(prompts), n, body["model"],
                                  self.hostport, prompts)

@@ -111,7 +111,10 @@ class LoRASync:
             self.client.load_lora(name, str(path))
         except ServerError as e:
             if "already been loaded" not in str(e):
-                raise
+                raise ServerError(
+                    f"{e}\nLoRA sync needs a server with runtime LoRA: `vllm serve ... --enable-lora "
+                    f"--max-lora-rank R` with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 (`ebft serve` adds "
+                    f"both), and the adapter folder {path} readable by the server.") from e
             self.client.unload_lora(name)  # left over from an earlier run of this server
             self.client.load_lora(name, str(path))
         self.last_save_s, self.last_load_s = t1 - t0, time.perf_counter() - t1
