@@ -76,11 +76,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Adapter only for a peft model, full weights otherwise."""
-    model.save_pretrained(folder)
-
-
 def atomic_dir(final: Path, fill) -> Path:
     """Build `final` by `fill(tmp)` in a sibling `.tmp-*` folder, fsync it and rename it in place."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +104,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, *, model: torch.
     ckpt_dir = Path(run_dir) / CHECKPOINTS
 
     def fill(tmp: Path) -> None:
-        save_weights(model, tmp)
+        model.save_pretrained(tmp)  # a peft model saves its adapter only, any other its full weights
         torch.save({"step": step, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state, "data": data_state}, tmp / STATE_FILE)
@@ -151,7 +146,7 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load what `save_weights` wrote into `model` (same kind: peft adapter or full weights)."""
+    """Load a checkpoint's weights into `model` (same kind: peft adapter or full weights)."""
     if (folder / "adapter_config.json").is_file():
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights

@@ -234,6 +234,23 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
     return atomic_dir(run_dir / name, fill)
 
 
+def start_wandb(cfg: Any, run_dir: Path, cfg_yaml: str) -> Any:
+    """A wandb run when `wandb_project` is set and wandb is installed (decisions.md §2), else None.
+    metrics.jsonl stays the record the TUI reads; wandb gets the same metrics records."""
+    project, mode = opt(cfg, "wandb_project", None), opt(cfg, "wandb_mode", None)
+    if not project or mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb_project is set but wandb is not installed (pip install wandb): metrics go to "
+              "metrics.jsonl only", file=sys.stderr, flush=True)
+        return None
+    return wandb.init(project=project, entity=opt(cfg, "wandb_entity", None), name=opt(cfg, "wandb_name", None),
+                      id=opt(cfg, "wandb_run_id", None), resume="allow", mode=mode, dir=str(run_dir),
+                      config=yaml.safe_load(cfg_yaml))
+
+
 def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
     """Average each metric over the steps of one logging interval (NaN kept: it must show)."""
     sums: dict[str, float] = defaultdict(float)
@@ -272,7 +289,7 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
         return EXIT_USAGE
     log = MetricsLog(run_dir / "metrics.jsonl")
     step = 0
-    stepper = None
+    stepper = wandb_run = None
     watchdog.STOP.reset()
     try:
         if not (run_dir / "config.yaml").exists():
@@ -321,6 +338,8 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
         log.status("training", step, f"training {cfg.mode} on {device} ({str(dtype).removeprefix('torch.')}), "
                                      f"{len(data)} rows, {stepper.rows_per_step} per step{note}")
 
+        wandb_run = start_wandb(cfg, run_dir, cfg_yaml)
+
         # ---- the loop
         watchdog.STOP.graceful = True
         window: list[dict[str, float]] = []
@@ -360,6 +379,8 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
             if (step % logging_steps == 0 or step == max_steps) and step > log.already_logged_through:
                 metrics = {"max_steps": max_steps, "epoch": round(order.epoch_float, 4), **_mean_metrics(window)}
                 log.metrics(step, metrics)
+                if wandb_run is not None:
+                    wandb_run.log(metrics, step=step)
                 print(console_line(step, max_steps, metrics, history), flush=True)
                 for key, value in metrics.items():
                     history[key].append(value)
@@ -398,6 +419,8 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
         watchdog.STOP.graceful = False
         if stepper is not None:
             stepper.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         log.close()
 
 

@@ -9,7 +9,10 @@ restored.
 from __future__ import annotations
 
 import math
+import importlib.machinery
 import random
+import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -363,3 +366,31 @@ def test_full_fine_tuning_saves_the_model_not_an_adapter(tmp_path):
     assert run_tiny(tiny_cfg(tmp_path / "run", adapter=None, max_steps=2, learning_rate=1e-3)) == 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_wandb_gets_the_metrics_records_when_configured(tmp_path, monkeypatch):
+    calls = {"log": [], "finish": 0}
+
+    class FakeRun:
+        def log(self, metrics, step):
+            calls["log"].append((step, metrics["loss"]))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # libraries probe find_spec
+    fake.init = lambda **kw: calls.setdefault("init", kw) and FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = tiny_cfg(tmp_path / "run", max_steps=3, save_steps=3, wandb_project="p", wandb_name="n")
+    assert run_tiny(cfg) == 0
+    assert calls["init"]["project"] == "p" and calls["init"]["name"] == "n"
+    assert calls["init"]["config"]["max_steps"] == 3
+    assert [s for s, _ in calls["log"]] == [1, 2, 3] and calls["finish"] == 1
+    assert [loss for _, loss in calls["log"]] == [r["loss"] for r in metric_records(tmp_path / "run")]
+
+
+def test_wandb_project_without_wandb_installed_says_so_and_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    assert run_tiny(tiny_cfg(tmp_path / "run", max_steps=1, wandb_project="p")) == 0
+    assert "wandb is not installed" in capsys.readouterr().err
