@@ -50,7 +50,7 @@ async def picker_and_form() -> None:
         await pilot.pause(0.3)
         save(app, "preset-picker")
         await pilot.press("down", "down", "enter")
-        await wait(pilot, lambda: isinstance(app.screen, ConfigFormScreen) and not app.screen.pending, 60)
+        await wait(pilot, lambda: isinstance(app.screen, ConfigFormScreen) and app.screen.ready, 60)
         await pilot.pause(0.3)
         save(app, "parameters")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import yaml
 
 from ebft_tui.engine import ValidationResult
 from ebft_tui.presets import PresetInfo
@@ -169,7 +170,7 @@ async def test_pick_edit_start_watch_stop_quit(tmp_path, preset, other_preset):
         start = form.query_one("#start")
 
         # 2. The editor is pre-filled from the preset and valid once the engine answered.
-        await wait_for(pilot, lambda: not form.pending, what="the first validation")
+        await wait_for(pilot, lambda: form.ready, what="the fields and the first validation")
         assert form.rows["max_steps"].editor.value == "6"
         assert form.rows["learning_rate"].editor.value == ""  # not in the preset: default as placeholder
         assert not start.disabled and form.n_problems == 0
@@ -186,12 +187,14 @@ async def test_pick_edit_start_watch_stop_quit(tmp_path, preset, other_preset):
 
         # 4. A value the engine refuses: its message lands on the field, Start stays disabled.
         stride.editor.value = "100"
+        await pilot.pause()
         await wait_for(pilot, lambda: not form.pending, what="the engine's verdict")
         assert "at most 64" in str(stride.query_one(".field-error").content)
         assert start.disabled
 
         # 5. Fixed: valid again, only the changed field becomes an override.
         stride.editor.value = "16"
+        await pilot.pause()
         await wait_for(pilot, lambda: not form.pending and not start.disabled, what="a valid form")
         assert not stride.has_class("-invalid")
         assert form.overrides() == ["ebft.stride=16"]
@@ -428,5 +431,59 @@ def test_parse_text_checks_type_and_minimum():
     assert parse_text("1e-5", {"type": "float"}) == (1e-5, None)
     assert parse_text("abc", {"type": "float"})[1].startswith("must be a number")
     assert parse_text("[1, 2]", {"type": "list"}) == ([1, 2], None)
-    assert parse_text("q_proj", {"type": "list"}) == (["q_proj"], None)
+    assert parse_text("[q_proj, v_proj]", {"type": "list", "item_type": "str"}) == (["q_proj", "v_proj"], None)
+    assert parse_text(r".*\.(q|v)_proj", {"type": "list"}) == (r".*\.(q|v)_proj", None)  # a pattern
+    assert parse_text("[1, x]", {"type": "list", "item_type": "int"})[1] == "must be a list of int values"
+    assert parse_text("{a: 1", {"type": "dict"})[1].startswith("must be a YAML mapping")
     assert parse_text("", {"type": "int"}) == (None, None)
+
+
+def test_every_preset_value_survives_the_form_round_trip():
+    """What the form shows for a preset's value reads back as exactly that value, for every field
+    of the engine's schema in every preset: opening a preset and pressing Start changes nothing."""
+    from ebft_tui.engine import schema_fields
+    from ebft_tui.presets import list_presets
+    from ebft_tui.tui.screens.config_form import display_text, flatten
+
+    fields = schema_fields()
+    checked = 0
+    for preset in list_presets():
+        flat = flatten(yaml.safe_load(preset.path.read_text()))
+        for field in fields:
+            if field["key"] not in flat or field["type"] in ("bool", "enum"):
+                continue  # switches and drop-downs hold the value itself
+            value = flat[field["key"]]
+            parsed, error = parse_text(display_text(value, field["type"]), field)
+            assert error is None and parsed == value, (preset.name, field["key"], value, parsed, error)
+            checked += 1
+    assert checked > 100
+
+
+async def test_real_engine_form_and_a_cross_key_problem_on_its_field():
+    """With the engine's own schema and validator: a preset opens valid with no override, fields of
+    the other mode are hidden, and a cross-key problem shows under the key it names."""
+    from ebft_tui.presets import list_presets
+
+    presets = {p.name: p for p in list_presets()}
+    app = EbftApp(presets=list(presets.values()), install_signal_handlers=False)
+    async with app.run_test(size=SIZE) as pilot:
+        for name in ("smollm2-135m-strided-cpu", "smollm2-135m-structured-cpu"):
+            app.open_preset(presets[name])
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfigFormScreen) and app.screen.ready,
+                           what=f"the form of {name}")
+            form = app.screen
+            assert form.overrides() == [] and form.n_problems == 0, (name, form.engine_problems)
+            assert not form.query_one("#start").disabled
+            strided = name == "smollm2-135m-strided-cpu"
+            assert form.rows["trl.num_generations"].display is not strided
+            assert form.rows["ebft.stride"].display is strided
+            if not strided:
+                form.rows["trl.num_generations"].editor.value = "3"
+                await pilot.pause()
+                await wait_for(pilot, lambda: not form.pending, what="the engine's verdict")
+                batch = form.rows["micro_batch_size"]
+                assert batch.has_class("-invalid")
+                assert "whole prompt groups" in str(batch.query_one(".field-error").content)
+                assert form.query_one("#start").disabled
+            app.pop_screen()
+            await pilot.pause()

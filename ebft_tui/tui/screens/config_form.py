@@ -22,7 +22,9 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.lazy import Lazy
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import (Button, Collapsible, Footer, Header, Input, Label, Select, Static,
                              Switch)
 from textual.worker import get_current_worker
@@ -30,6 +32,7 @@ from textual.worker import get_current_worker
 from ebft_tui.overrides import get_path, parse_value
 
 DEBOUNCE_S = 0.35
+EAGER_SECTIONS = 2
 NUMERIC = ("int", "float")
 
 
@@ -69,7 +72,7 @@ def display_text(value: Any, ftype: str) -> str:
     """How a config value looks in an Input."""
     if value is None:
         return ""
-    if ftype in ("list", "dict") or isinstance(value, (list, dict)):
+    if isinstance(value, (list, dict)):
         return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -97,19 +100,18 @@ def parse_text(text: str, field: dict[str, Any]) -> tuple[Any, str | None]:
         if not math.isfinite(value):
             return None, "must be a finite number"
         return value, range_error(value, field)
+    elif ftype == "list" and not text.startswith("["):
+        value = text  # a single item or a pattern (`lora_target_modules: .*proj`): the engine decides
     elif ftype in ("list", "dict"):
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             return None, f"must be a YAML {'list, e.g. [1, 2]' if ftype == 'list' else 'mapping, e.g. {a: 1}'}"
-        want = list if ftype == "list" else dict
-        if ftype == "list" and not isinstance(value, list):
-            value = [value]  # `lora_target_modules: q_proj` style: a single item
-        if not isinstance(value, want):
-            return None, "must be a YAML mapping, e.g. {a: 1}"
+        if not isinstance(value, list if ftype == "list" else dict):
+            return None, "must be a YAML list, e.g. [1, 2]" if ftype == "list" else "must be a YAML mapping, e.g. {a: 1}"
     else:
         value = text
-    if ftype == "list" and field.get("item_type") in NUMERIC + ("str",):
+    if isinstance(value, list) and field.get("item_type") in NUMERIC + ("str",):
         kind = {"int": int, "float": (int, float), "str": str}[field["item_type"]]
         if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
             return None, f"must be a list of {field['item_type']} values"
@@ -143,18 +145,20 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class FieldRow(Vertical):
-    """One schema field: key, editor, and a line for its problem (local or the engine's)."""
+class FieldRow(Widget):
+    """One schema field: key, editor, and a line for its problem (local or the engine's).
+
+    A flat grid (key | editor, then the problem across both columns): a config has ~100 fields,
+    and every container less per row is felt when the form opens."""
 
     DEFAULT_CSS = """
-    FieldRow { height: auto; }
-    FieldRow > Horizontal { height: auto; }
+    FieldRow { layout: grid; grid-size: 2; grid-columns: 36 1fr; grid-rows: 1; height: auto; }
     FieldRow .field-key { width: 36; padding: 0 1 0 0; text-align: right; }
     FieldRow.-changed .field-key { text-style: bold; color: $accent; }
     FieldRow Input, FieldRow Select { width: 1fr; }
     FieldRow Switch { border: none; height: 1; padding: 0; width: auto; }
     FieldRow Switch:focus { border: none; background-tint: $foreground 10%; }
-    FieldRow .field-error { color: $error; padding: 0 0 0 37; height: auto; display: none; }
+    FieldRow .field-error { color: $error; padding: 0 0 0 37; height: auto; display: none; column-span: 2; }
     FieldRow.-invalid .field-error { display: block; }
     FieldRow.-invalid Input, FieldRow.-invalid Select { background-tint: $error 25%; }
     """
@@ -170,30 +174,28 @@ class FieldRow(Vertical):
         self.engine_error: str | None = None
 
     def compose(self) -> ComposeResult:
-        description = str(self.field.get("description") or "")
-        with Horizontal():
-            yield Label(self.key, classes="field-key")
-            choices = self.field.get("choices")
-            if self.ftype == "bool":
-                switch = Switch(value=bool(self.initial), id=self.id + "-w", animate=False)
-                switch.tooltip = description or None
-                yield switch
-            elif (self.ftype == "enum" or choices) and choices:
-                options = [(str(c), c) for c in choices]
-                value = self.initial if self.initial in choices else Select.NULL
-                select = Select(options, value=value, allow_blank=self.initial is None or value is Select.NULL,
-                                id=self.id + "-w", compact=True)
-                select.tooltip = description or None
-                yield select
-            else:
-                default = self.field.get("default")
-                placeholder = (f"default: {display_text(default, self.ftype)}" if default not in (None, "", [], {})
-                               else "unset")
-                inp = Input(value=display_text(self.initial, self.ftype) if self.in_preset else "",
-                            placeholder=placeholder, id=self.id + "-w", compact=True)
-                inp.tooltip = description or None
-                yield inp
+        yield Label(self.key, classes="field-key")
+        editor = self._make_editor()
+        editor.tooltip = str(self.field.get("description") or "") or None
+        yield editor
         yield Static("", classes="field-error")
+
+    def _make_editor(self) -> Input | Select | Switch:
+        wid = self.id + "-w"
+        choices = self.field.get("choices")
+        if self.ftype == "bool":
+            if self.initial is not None:
+                return Switch(value=bool(self.initial), id=wid, animate=False)
+            choices = [True, False]  # a nullable switch: unset lets the engine decide
+        if choices:
+            options = [(display_text(c, self.ftype), c) for c in choices]
+            value = self.initial if self.initial in choices else Select.NULL
+            return Select(options, value=value, allow_blank=self.initial is None or value is Select.NULL,
+                          id=wid, compact=True)
+        default = self.field.get("default")
+        placeholder = f"default: {display_text(default, self.ftype)}" if default not in (None, "", [], {}) else "unset"
+        return Input(value=display_text(self.initial, self.ftype) if self.in_preset else "",
+                     placeholder=placeholder, id=wid, compact=True)
 
     @property
     def editor(self) -> Input | Select | Switch:
@@ -201,6 +203,8 @@ class FieldRow(Vertical):
 
     def read(self) -> tuple[Any, str | None]:
         """The field's current value (None = unset) and a local error, if any."""
+        if not self.is_mounted:  # its section is still being mounted: untouched
+            return self.baseline(), None
         w = self.editor
         if isinstance(w, Switch):
             return w.value, None
@@ -216,7 +220,12 @@ class FieldRow(Vertical):
         value, error = self.read()
         return error is None and value != self.baseline()
 
+    def on_mount(self) -> None:
+        self.show_problem()
+
     def show_problem(self) -> None:
+        if not self.is_mounted:
+            return  # on_mount shows it
         message = self.local_error or self.engine_error
         self.query_one(".field-error", Static).update(message or "")
         self.set_class(bool(message), "-invalid")
@@ -239,6 +248,7 @@ class ConfigFormScreen(Screen):
     ConfigFormScreen #form-warnings { height: auto; max-height: 4; color: $warning; padding: 0 1; }
     ConfigFormScreen #field-help { height: 2; color: $text-muted; padding: 0 1; background: $panel; }
     ConfigFormScreen Collapsible { padding-bottom: 0; }
+    ConfigFormScreen .section-body { height: auto; }
     """
 
     BINDINGS = [
@@ -262,6 +272,7 @@ class ConfigFormScreen(Screen):
         self.preset_config: dict[str, Any] = raw if isinstance(raw, dict) else {}
         self.flat = flatten(self.preset_config)
         self.rows: dict[str, FieldRow] = {}
+        self.section_rows: dict[str | None, list[FieldRow]] = {}
         self.filter_text = ""
         self.generation = 0
         self.pending = True
@@ -283,17 +294,23 @@ class ConfigFormScreen(Screen):
         yield Static("", id="form-problems")
         yield Static("", id="form-warnings")
         with VerticalScroll(id="form-fields"):
-            for section, fields in self._sections():
+            for i, (section, fields) in enumerate(self._sections()):
                 set_here = any(f["key"] in self.flat for f in fields)
-                with Collapsible(title=f"{section} ({len(fields)})", collapsed=not set_here,
-                                 id="sec-" + field_id(section)[2:]):
-                    for f in fields:
-                        key = f["key"]
-                        in_preset = key in self.flat
-                        initial = self.flat[key] if in_preset else f.get("default")
-                        row = FieldRow(f, initial, in_preset)
-                        self.rows[key] = row
-                        yield row
+                rows = []
+                for f in fields:
+                    key = f["key"]
+                    in_preset = key in self.flat
+                    initial = self.flat[key] if in_preset else f.get("default")
+                    rows.append(FieldRow(f, initial, in_preset))
+                    self.rows[key] = rows[-1]
+                coll = Collapsible(title=f"{section} ({len(fields)})", collapsed=not set_here,
+                                   id="sec-" + field_id(section)[2:])
+                self.section_rows[coll.id] = rows
+                with coll:
+                    # The first sections paint at once, the rest right after (a config has ~100
+                    # fields; mounting them all before the first frame is felt).
+                    body = Vertical(*rows, classes="section-body")
+                    yield body if i < EAGER_SECTIONS else Lazy(body)
         yield Static("", id="field-help")
         yield Footer()
 
@@ -330,6 +347,11 @@ class ConfigFormScreen(Screen):
 
     def local_errors(self) -> dict[str, str]:
         return {key: row.local_error for key, row in self.rows.items() if row.local_error}
+
+    @property
+    def ready(self) -> bool:
+        """Every field mounted and the engine's verdict in (what tests wait for)."""
+        return not self.pending and all(row.is_mounted for row in self.rows.values())
 
     @property
     def n_problems(self) -> int:
@@ -400,7 +422,7 @@ class ConfigFormScreen(Screen):
             matches = not text or text in key.lower() or text in str(row.field.get("description", "")).lower()
             row.display = matches and not other_mode
         for coll in self.query(Collapsible):
-            visible = any(r.display for r in coll.query(FieldRow))
+            visible = any(r.display for r in self.section_rows.get(coll.id, ()))
             coll.display = visible
             if text and visible:
                 coll.collapsed = False
