@@ -25,6 +25,17 @@ class Killed(BaseException):
     """Stands for SIGKILL in-process: nothing in the loop catches it, no record is written."""
 
 
+def killed_in_step(n, cfg):
+    """A run killed in the middle of step `n`: steps before it are logged, no more records."""
+    def kill(step, loss):
+        if step == n:
+            raise Killed
+        return loss
+
+    with pytest.raises(Killed):
+        run_tiny(cfg, hooks={"loss": kill})
+
+
 def uninterrupted(tmp_path, **overrides):
     built = {}
     assert run_tiny(tiny_cfg(tmp_path / "straight", **overrides), built=built) == 0
@@ -66,13 +77,7 @@ def test_hard_kill_after_the_checkpoint_reruns_steps_without_duplicating_their_r
     expected_params, expected_metrics = uninterrupted(tmp_path, save_steps=2)
     run = tmp_path / "run"
 
-    def kill_in_step_6(step, loss):
-        if step == 6:
-            raise Killed
-        return loss
-
-    with pytest.raises(Killed):
-        run_tiny(tiny_cfg(run, save_steps=2), hooks={"loss": kill_in_step_6})
+    killed_in_step(6, tiny_cfg(run, save_steps=2))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"v": 1, "ts": 1.0, "event": "metrics", "st')  # the kill tore a line
     assert [r["step"] for r in metric_records(run)] == [1, 2, 3, 4, 5]
@@ -91,13 +96,7 @@ def test_kill_before_the_first_checkpoint_restarts_from_step_0_without_duplicate
     expected_params, _ = uninterrupted(tmp_path, save_steps=8)
     run = tmp_path / "run"
 
-    def kill_in_step_3(step, loss):
-        if step == 3:
-            raise Killed
-        return loss
-
-    with pytest.raises(Killed):
-        run_tiny(tiny_cfg(run, save_steps=8), hooks={"loss": kill_in_step_3})
+    killed_in_step(3, tiny_cfg(run, save_steps=8))
     built = {}
     assert run_tiny(tiny_cfg(run, save_steps=8), built=built) == 0
     assert_same_params(trainable(built["model"]), expected_params)
