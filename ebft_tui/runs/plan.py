@@ -206,7 +206,9 @@ def build_plan(
             cwd=cwd,
         ))
         trainer_gpu = chosen[1] if len(chosen) > 1 else (chosen[0] if chosen else None)
-        trainer_env = dict(base_env, CUDA_VISIBLE_DEVICES="" if trainer_gpu is None else str(trainer_gpu))
+        trainer_env = dict(base_env, CUDA_VISIBLE_DEVICES="" if trainer_gpu is None else str(trainer_gpu),
+                           # the trainer's client errors quote the end of the server's log
+                           EBFT_SERVER_LOG=str(rd.server_log))
     else:
         trainer_env = dict(base_env)
     processes.append(ProcessSpec(
