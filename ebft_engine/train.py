@@ -21,7 +21,6 @@ gradient, 128+signal when stopped by SIGTERM/SIGINT (after a checkpoint).
 from __future__ import annotations
 
 import math
-import os
 import random
 import shutil
 import sys
@@ -30,7 +29,7 @@ import traceback
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -172,10 +171,6 @@ def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def config_yaml(cfg: Any) -> str:
-    return cfg.to_yaml()
-
-
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -196,25 +191,29 @@ def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool, overwrite: bo
     """Decide fresh start or resume; returns the checkpoint to resume from (None: step 0).
 
     A run dir that already holds a run (checkpoints or metric records) is continued by default,
-    when its config matches; `resume=False` refuses it unless `overwrite`, which deletes it."""
+    when its config matches; `resume=False` refuses it unless `overwrite`, which deletes it.
+    `RUN_DIR/config.yaml` keeps the config that runs here (a resume before the first checkpoint
+    is checked against it); an equivalent one, e.g. the launcher's, is left as it is."""
     ckpt = latest_checkpoint(run_dir)
     has_run = ckpt is not None or last_logged_step(read_records(run_dir / "metrics.jsonl")) > 0
     if has_run and not resume:
         if not overwrite:
             raise RunDirError(f"{run_dir} already holds a run: re-run without --no-resume to continue "
                               f"it, choose another output_dir, or add --overwrite to delete it")
-        for name in (CHECKPOINTS, "adapter", "model", "metrics.jsonl", "config.yaml"):
+        for name in (CHECKPOINTS, "adapter", "model", "metrics.jsonl"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        return None
+        ckpt, has_run = None, False
+    saved = run_dir / "config.yaml"
     if has_run:
-        reference = checkpoint_config(ckpt) if ckpt else _read(run_dir / "config.yaml")
-        if reference is not None:
-            differences = config_differences(reference, cfg_yaml)
-            if differences:
-                raise RunDirError(
-                    f"{run_dir} holds a run with a different config ({', '.join(differences[:8])}): "
-                    f"use another output_dir, or --no-resume --overwrite to start it over")
+        reference = checkpoint_config(ckpt) if ckpt else _read(saved)
+        differences = config_differences(reference, cfg_yaml) if reference is not None else []
+        if differences:
+            raise RunDirError(
+                f"{run_dir} holds a run with a different config ({', '.join(differences[:8])}): "
+                f"use another output_dir, or --no-resume --overwrite to start it over")
+    if not saved.is_file() or (not has_run and config_differences(saved.read_text(encoding="utf-8"), cfg_yaml)):
+        saved.write_text(cfg_yaml, encoding="utf-8")
     return ckpt
 
 
@@ -279,7 +278,7 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
 
     run_dir = Path(cfg.output_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_yaml = config_yaml(cfg)
+    cfg_yaml = cfg.to_yaml()
     try:
         ckpt = prepare_run_dir(run_dir, cfg_yaml, resume=resume, overwrite=overwrite)
     except RunDirError as error:
@@ -292,9 +291,6 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
     stepper = wandb_run = None
     watchdog.STOP.reset()
     try:
-        if not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(cfg_yaml, encoding="utf-8")
-
         # ---- model, mode, data, optimizer
         log.status("loading", 0, f"loading {cfg.base_model}")
         model, tokenizer, device, dtype = build_model(cfg)

@@ -25,7 +25,7 @@ class Killed(BaseException):
     """Stands for SIGKILL in-process: nothing in the loop catches it, no record is written."""
 
 
-def killed_in_step(n, cfg):
+def killed_in_step(n, cfg, **kwargs):
     """A run killed in the middle of step `n`: steps before it are logged, no more records."""
     def kill(step, loss):
         if step == n:
@@ -33,7 +33,7 @@ def killed_in_step(n, cfg):
         return loss
 
     with pytest.raises(Killed):
-        run_tiny(cfg, hooks={"loss": kill})
+        run_tiny(cfg, hooks={"loss": kill}, **kwargs)
 
 
 def uninterrupted(tmp_path, **overrides):
@@ -266,3 +266,18 @@ def sigkill_then_restart(tmp_path, overrides, timeout):
     assert events[-1]["phase"] == "done"
     assert [e["resumed_from"] for e in events if e["event"] == "run"][-1] is not None
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_config_yaml_records_what_runs_here(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    launcher_copy = "# resolved by ebft from preset.yaml\n" + tiny_cfg(run, max_steps=2).to_yaml()
+    (run / "config.yaml").write_text(launcher_copy)
+    assert run_tiny(tiny_cfg(run, max_steps=2, save_steps=2)) == 0
+    assert (run / "config.yaml").read_text() == launcher_copy  # equivalent: left as it is
+    # start over with another learning rate, killed before its first checkpoint, then resumed
+    cfg = tiny_cfg(run, max_steps=4, save_steps=4, learning_rate=1e-3)
+    killed_in_step(3, cfg, resume=False, overwrite=True)
+    assert "learning_rate: 0.001" in (run / "config.yaml").read_text()
+    assert run_tiny(cfg) == 0
+    assert [r["step"] for r in metric_records(run)] == [1, 2, 3, 4]
