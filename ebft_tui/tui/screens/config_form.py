@@ -191,7 +191,7 @@ class FieldRow(Widget):
             options = [(display_text(c, self.ftype), c) for c in choices]
             value = self.initial if self.initial in choices else Select.NULL
             return Select(options, value=value, allow_blank=self.initial is None or value is Select.NULL,
-                          id=wid, compact=True)
+                          prompt="unset", id=wid, compact=True)
         default = self.field.get("default")
         placeholder = f"default: {display_text(default, self.ftype)}" if default not in (None, "", [], {}) else "unset"
         return Input(value=display_text(self.initial, self.ftype) if self.in_preset else "",
