@@ -292,13 +292,15 @@ async def test_sigterm_stops_children_then_exits(tmp_path):
 
 async def test_run_ends_on_its_own_and_nan_is_counted(tmp_path):
     run_dir = tmp_path / "run"
-    app = EbftApp(plan=trainer_plan(run_dir, steps=5, extra=("--nan-at", "3")), install_signal_handlers=False)
+    app = EbftApp(plan=trainer_plan(run_dir, steps=5, extra=("--nan-at", "5")), install_signal_handlers=False)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
         await wait_for(pilot, lambda: screen.finished is not None, what="the trainer to finish")
         await pilot.pause()
-        cfm = screen.card("ebft/cfm_loss")
+        cfm = screen.card("ebft/cfm_loss")  # the last value was null: shown as nan, red, counted
         assert "1 NaN" in str(cfm.query_one(".card-foot").content)
+        assert str(cfm.query_one(".card-value").content) == "nan" and cfm.has_class("-bad")
+        assert list(cfm.query_one("Sparkline").data) == pytest.approx([4.9, 4.8, 4.7, 4.6])
         assert "finished" in str(screen.query_one("#run-state").content)
         assert screen.query_one("#log-trainer").total_lines >= 5  # the trainer's stdout, followed
         await pilot.press("ctrl+q")  # no run alive: exits at once

@@ -32,7 +32,7 @@ from ebft_tui.runs.tail import JsonlFollower, TextFollower
 from ebft_tui.tui.messages import (LogLines, MetricsBatch, ProcRow, ResourceSample, RunFinished,
                                    RunEvent)
 from ebft_tui.tui.widgets.log_pane import LogPane
-from ebft_tui.tui.widgets.metric_card import MetricCard
+from ebft_tui.tui.widgets.metric_card import MetricCard, range_text
 from ebft_tui.tui.widgets.process_table import ProcessTable
 from ebft_tui.tui.widgets.progress import RunProgress
 
@@ -40,11 +40,6 @@ CARD_KEYS = ["ebft/alignment", "ebft/diversity", "ebft/cfm_loss", "ebft/reward",
 POLL_S = 0.25
 SAMPLE_S = 1.0
 MAX_HINTS = 6
-
-
-def range_text(rng: tuple[float, float]) -> str:
-    lo, hi = rng
-    return f"above {lo:g}" if hi == float("inf") else f"{lo:g}–{hi:g}"
 
 
 def hint_lines(history: MetricHistory, keys: list[str]) -> list[str]:

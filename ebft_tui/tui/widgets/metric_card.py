@@ -43,15 +43,14 @@ def health_class(health: Any) -> str:
     return f"-{name}" if f"-{name}" in HEALTH_CLASSES else "-unknown"
 
 
-def format_value(value: float | None, fmt: str | None) -> str:
-    if value is None:
-        return "—"
-    if not math.isfinite(value):
-        return str(value)
-    try:
-        return format(value, fmt or "+.3f")
-    except (TypeError, ValueError):
-        return f"{value:.4g}"
+def range_text(healthy: tuple[float, float] | None) -> str:
+    """`0.3–0.9`, `above 0.1` (an infinite bound), or '' without a range."""
+    if not healthy:
+        return ""
+    lo, hi = (None if v is None or math.isinf(v) else v for v in healthy)
+    if lo is not None and hi is not None:
+        return f"{lo:g}–{hi:g}"
+    return f"above {lo:g}" if lo is not None else (f"below {hi:g}" if hi is not None else "")
 
 
 def finite(values: Any) -> list[float]:
@@ -110,17 +109,8 @@ class MetricCard(Vertical):
         yield Static("\n" + self._healthy_text(), classes="card-foot")
 
     def _healthy_text(self) -> str:
-        healthy = getattr(self.spec, "healthy", None)
-        if not healthy:
-            return ""
-        lo, hi = (None if v is None or math.isinf(v) else v for v in healthy)
-        if lo is not None and hi is not None:
-            return f"healthy {lo:g}–{hi:g}"
-        if lo is not None:
-            return f"healthy > {lo:g}"
-        if hi is not None:
-            return f"healthy < {hi:g}"
-        return ""
+        text = range_text(getattr(self.spec, "healthy", None))
+        return f"healthy {text}" if text else ""
 
     def show(self, series: Any, health: Any = None) -> None:
         """Render a `MetricSeries` (last, values, trend(), n_nonfinite) and a health verdict."""
@@ -129,8 +119,8 @@ class MetricCard(Vertical):
         values = finite(getattr(series, "values", ()))
         last = getattr(series, "last", None)
         self.last = last
-        fmt = getattr(self.spec, "fmt", None)
-        self.query_one(".card-value", Static).update(format_value(last, fmt))
+        shown = getattr(series, "last_raw", last)  # a NaN last value shows as nan, not the one before
+        self.query_one(".card-value", Static).update("—" if shown is None else self.spec.format(shown))
 
         sign = trend_sign(series.trend() if callable(getattr(series, "trend", None)) else None)
         arrows = ASCII_ARROWS if self.ascii_only else ARROWS
@@ -149,7 +139,7 @@ class MetricCard(Vertical):
         self.query_one(Sparkline).data = values
         stats = []
         if values:
-            stats.append(f"min {format_value(min(values), fmt)} · max {format_value(max(values), fmt)}")
+            stats.append(f"min {self.spec.format(min(values))} · max {self.spec.format(max(values))}")
         n_bad = getattr(series, "n_nonfinite", 0) or 0
         if n_bad:
             stats.append(f"{n_bad} NaN")

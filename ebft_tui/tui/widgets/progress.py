@@ -8,14 +8,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import ProgressBar, Static
 
-
-def format_eta(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "ETA —"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"ETA {h}h{m:02d}m" if h else (f"ETA {m}m{s:02d}s" if m else f"ETA {s}s")
+from ebft_tui.metrics.history import format_duration
 
 
 class RunProgress(Horizontal):
@@ -40,7 +33,7 @@ class RunProgress(Horizontal):
             bar.update(total=max_steps, progress=step or 0)
         text = f"step {step if step is not None else '-'}/{max_steps or '?'}"
         self.query_one("#progress-step", Static).update(text)
-        tail = format_eta(eta_seconds)
+        tail = f"ETA {format_duration(eta_seconds)}"
         if phase:
             tail = f"{tail} · {phase}"
         self.query_one("#progress-eta", Static).update(tail)
