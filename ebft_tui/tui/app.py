@@ -13,9 +13,7 @@ factories (plan, supervisor, presets, GPUs) and drive it with Pilot.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,6 +46,7 @@ class RunControl:
         self.stopped_by_user = False
         self.returncode: int | None = None
         self.running = False
+        self._restart: asyncio.Future | None = None
         self._samplers: dict[int, Any] = {}
 
     # -- lifecycle (event loop) --
@@ -60,6 +59,10 @@ class RunControl:
         try:
             await self.supervisor.start()
             rc = await self.supervisor.wait()
+            while self._restart is not None:  # wait() saw the old children go: follow the new ones
+                restart, self._restart = self._restart, None
+                await restart
+                rc = await self.supervisor.wait()
         except asyncio.CancelledError:
             await self._stop_quietly()
             raise
@@ -87,8 +90,10 @@ class RunControl:
         await self.supervisor.stop(grace_s)
 
     async def restart(self) -> None:
+        """Stop and start again (the engine resumes from its last checkpoint); `run` keeps waiting."""
         self.stopped_by_user = False
-        await self.supervisor.restart()
+        self._restart = asyncio.ensure_future(self.supervisor.restart())
+        await self._restart
 
     def states(self) -> list[Any]:
         try:
@@ -102,17 +107,7 @@ class RunControl:
 
     def kill_now(self) -> None:
         """Last resort, synchronous: SIGKILL every child's process group (no loop needed)."""
-        kill = getattr(self.supervisor, "kill", None)
-        if callable(kill):
-            kill()
-            return
-        for s in self.states():
-            pgid = getattr(s, "pgid", None) or getattr(s, "pid", None)
-            if pgid:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        self.supervisor.kill()
 
     def _on_event(self, event: Any) -> None:
         self.app.post_to_run_screen(RunEvent(event))
@@ -333,7 +328,10 @@ class EbftApp(App):
         if self.run_control is not None:
             if self.run_screen is not None:
                 self.run_screen.set_state("stopping…")
-            await self.run_control.stop()
+            try:
+                await self.run_control.stop()
+            except Exception:
+                self.run_control.kill_now()
 
     def action_restart_run(self) -> None:
         if self.run_control is None:
@@ -354,7 +352,10 @@ class EbftApp(App):
         if self.run_screen is not None:
             self.run_screen.set_state("restarting…")
         if control.running:
-            await control.restart()
+            try:
+                await control.restart()
+            except Exception:
+                pass  # `RunControl.run` reports a failed relaunch on the run screen
         else:  # it had ended: run it again
             self.run_worker(control.run(), group="supervisor", exclusive=True, exit_on_error=False)
 

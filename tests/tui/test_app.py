@@ -276,6 +276,31 @@ async def test_quit_while_running_confirms_then_stops_children(tmp_path):
     assert_all_dead(pids)
 
 
+async def test_restart_replaces_the_children(tmp_path):
+    run_dir = tmp_path / "run"
+    app = EbftApp(plan=trainer_plan(run_dir, steps=2, extra=("--hang", "--grandchild")),
+                  install_signal_handlers=False)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await wait_for(pilot, lambda: (run_dir / "report.json").exists() and screen.history.step == 2,
+                       what="the trainer's steps")
+        first = child_pids(run_dir)
+        (run_dir / "report.json").unlink()
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the restart confirmation")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: (run_dir / "report.json").exists(), what="the new trainer")
+        second = child_pids(run_dir)
+        assert set(first).isdisjoint(second)
+        assert_all_dead(first)
+        assert app.run_control.alive and screen.finished is None
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the quit confirmation")
+        await pilot.press("y")
+        await wait_for(pilot, lambda: not app.is_running, what="the app to exit")
+    assert_all_dead(second)
+
+
 async def test_sigterm_stops_children_then_exits(tmp_path):
     run_dir = tmp_path / "run"
     app = EbftApp(plan=trainer_plan(run_dir, steps=2, extra=("--hang", "--grandchild")))
