@@ -5,7 +5,8 @@
   before the loop starts there is nothing to save and the process exits at once. A second SIGINT
   aborts; repeated SIGTERMs are ignored (the launcher's SIGKILL after its grace period is the bound).
 - Launcher death: with `EBFT_PARENT_PID` set (the launcher sets it), a daemon thread polls
-  `os.getppid()`; when the parent changed it SIGTERMs our own process group (children included)
+  `os.getppid()` (or, when a wrapper stands between them, whether that pid still exists); when the
+  launcher is gone it SIGTERMs our own process group (children included)
   and, if the graceful stop has not finished within `grace_s`, exits hard. `PR_SET_PDEATHSIG` on
   Linux is belt and braces for the same case.
 """
@@ -103,11 +104,23 @@ def start_parent_watchdog(poll_s: float = 0.5, grace_s: float = 60.0) -> threadi
     except ValueError:
         print(f"EBFT_PARENT_PID={raw!r} is not a pid; launcher watchdog disabled", file=sys.stderr)
         return None
-    _set_pdeathsig(signal.SIGTERM)
-    # The parent may have died before prctl: the poll below sees that at once.
+    direct = os.getppid() == parent
+    if direct:
+        _set_pdeathsig(signal.SIGTERM)  # a parent that died before this call: the poll sees it at once
+
+    def launcher_alive() -> bool:
+        if direct:
+            return os.getppid() == parent
+        try:  # started through a wrapper (a shell, `time`...): watch the launcher's pid itself
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while launcher_alive():
             time.sleep(poll_s)
         print(f"launcher (pid {parent}) is gone: stopping", file=sys.stderr, flush=True)
         _terminate_self_and_group()

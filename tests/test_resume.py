@@ -162,16 +162,20 @@ WATCHED_CHILD = textwrap.dedent("""
 LAUNCHER = textwrap.dedent("""
     import os, subprocess, sys, time
     env = dict(os.environ, EBFT_PARENT_PID=str(os.getpid()))
-    child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env,
+    argv = [sys.executable, "-c", sys.argv[1], sys.argv[2]]
+    if sys.argv[3] == "wrapped":  # a shell between launcher and engine (`; true` keeps sh alive)
+        argv = ["sh", "-c", '"$0" "$@"; true', *argv]
+    child = subprocess.Popen(argv, env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
     print(child.stdout.readline().decode().strip(), flush=True)
     time.sleep(600)
 """)
 
 
-def test_the_engine_stops_gracefully_when_its_launcher_is_killed(tmp_path):
+@pytest.mark.parametrize("how", ["direct", "wrapped"])
+def test_the_engine_stops_gracefully_when_its_launcher_is_killed(tmp_path, how):
     marker = tmp_path / "marker"
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WATCHED_CHILD, str(marker)],
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WATCHED_CHILD, str(marker), how],
                                 stdout=subprocess.PIPE, cwd=REPO)
     try:
         child_pid = int(launcher.stdout.readline())
@@ -218,20 +222,21 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def test_sigkill_mid_run_then_restart_on_a_tiny_model(tmp_path, tiny_model_dir):
-    sigkill_then_restart(tmp_path, [f"base_model={tiny_model_dir}", "bf16=false"], timeout=300)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_interrupt_mid_run_then_restart_on_a_tiny_model(tmp_path, tiny_model_dir, sig):
+    interrupt_then_restart(tmp_path, [f"base_model={tiny_model_dir}", "bf16=false"], sig, timeout=300)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_sigkill_mid_run_then_restart_ends_with_one_record_per_step(tmp_path, smollm2_dir):
-    sigkill_then_restart(tmp_path, [], timeout=1200)
+    interrupt_then_restart(tmp_path, [], signal.SIGKILL, timeout=1200)
 
 
-def sigkill_then_restart(tmp_path, overrides, timeout):
-    """`python -m ebft_engine train` on the strided CPU preset, SIGKILL after step 3 (past the
-    step-2 checkpoint), then the same command again: it must end at step 6 with one metrics
-    record per step."""
+def interrupt_then_restart(tmp_path, overrides, sig, timeout):
+    """`python -m ebft_engine train` on the strided CPU preset, `sig` to its process group after
+    step 3 (past the step-2 checkpoint), then the same command again: it must end at step 6 with
+    one metrics record per step. SIGTERM must first stop it cleanly: checkpoint, status, 143."""
     if not PRESET.is_file():
         pytest.fail(f"{PRESET} is missing")
     run = tmp_path / "run"
@@ -239,6 +244,7 @@ def sigkill_then_restart(tmp_path, overrides, timeout):
             "max_steps=6", "save_steps=2", "logging_steps=1", *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("EBFT_RUN_DIR", None)
+    env.pop("EBFT_PARENT_PID", None)
     log = open(tmp_path / "trainer.log", "ab")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                             start_new_session=True)
@@ -250,13 +256,19 @@ def sigkill_then_restart(tmp_path, overrides, timeout):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    killed_at = [r["step"] for r in metric_records(run)]
-    assert killed_at[:3] == [1, 2, 3]
+    logged = [r["step"] for r in metric_records(run)]
+    assert logged[:3] == [1, 2, 3]
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, (tmp_path / "trainer.log").read_text()[-3000:]
+        events = read_records(run / "metrics.jsonl")
+        stopped = events[-1]
+        assert stopped["event"] == "status" and stopped["phase"] == "stopped"
+        assert stopped["step"] == logged[-1] and (run / "checkpoints" / f"step-{logged[-1]:06d}").is_dir()
 
     done = subprocess.run(argv, cwd=REPO, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL, timeout=timeout)
     log.close()
