@@ -94,7 +94,7 @@ def test_cpu_presets_are_short_and_offline():
         assert cfg.datasets[0].path == "builtin:humaneval" and cfg.datasets[0].split == "train"
         assert cfg.test_datasets and cfg.test_datasets[0].split == "test"
         assert cfg.adapter == "lora" and cfg.max_steps <= 10
-    assert strided.mode == "strided" and strided.sequence_len <= 256 and not strided.flex_attention
+    assert strided.mode == "strided" and strided.sequence_len <= 384 and not strided.flex_attention
     assert strided.datasets[0].type == "ebft_strided_structured.transform"
     for cfg in (sync, async_):
         assert cfg.vllm.backend == "hf" and cfg.trl.num_generations == 4 and cfg.micro_batch_size == 4
