@@ -1,8 +1,20 @@
-"""Shared bench helpers: random-weight models of real shapes, tables, memory probes."""
+"""Shared bench helpers: random-weight models of real shapes, side-by-side timing, memory probes,
+tables and a one-line machine description.
+
+Every bench measures its contenders *interleaved in one run* (A, B, A, B, ...) and keeps the best
+time of each: on a shared machine the load changes from second to second, so only ratios measured
+side by side mean anything.
+"""
 
 from __future__ import annotations
 
+import argparse
+import gc
 import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -17,7 +29,7 @@ SHAPES: dict[str, dict] = {
                      rope_theta=500000.0),
 }
 
-# bf16 dense peak of the GPUs we report MFU against (TFLOP/s, no sparsity).
+# bf16 dense peak of the GPUs we report MFU against (TFLOP/s, no sparsity; SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -34,6 +46,149 @@ def build_model(shape: str, *, device: torch.device, dtype: torch.dtype, attn: s
     return model
 
 
+def n_params(model: torch.nn.Module, *, non_embedding: bool = True) -> int:
+    """Parameter count; without the input embedding table by default (a lookup, no FLOPs). A tied
+    lm_head shares that table but does matmuls, so it is added back."""
+    total = sum(p.numel() for p in model.parameters())
+    if not non_embedding:
+        return total
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    return total if tied else total - emb.numel()
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, default_shape: str = "smollm2-135m") -> None:
+    ap.add_argument("--quick", action="store_true",
+                    help="small model and sizes: a 2-core CPU in under a minute")
+    ap.add_argument("--model-shape", default=None,
+                    help=f"{' | '.join(SHAPES)} (random weights); default tiny with --quick, "
+                         f"else {default_shape}")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per contender (best is kept)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: 1 with --quick, else all cores)")
+
+
+def resolve_common(args: argparse.Namespace, *, default_shape: str = "smollm2-135m"):
+    """(device, dtype, shape) from the common flags; sets the CPU thread count."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device; use --device cpu")
+    name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise SystemExit(f"unknown --dtype {name!r}; use float32 or bfloat16")
+    # --quick runs beside other processes (tests, CI): one thread each, because OpenMP threads
+    # of an oversubscribed CPU spin at barriers and the timing measures the scheduler instead
+    torch.set_num_threads(args.threads or (1 if args.quick else max(1, os.cpu_count() or 1)))
+    shape = args.model_shape or ("tiny" if args.quick else default_shape)
+    return device, dtype, shape
+
+
+# ------------------------------------------------------------------------------------------
+# measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cpu_peak_alloc_mb(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Peak of torch CPU tensor memory allocated during `fn()` above what was live before, in MB.
+
+    Read from the profiler's allocation events (every alloc/free, in order), so it is exact and
+    repeatable, unlike sampling RSS; it costs profiler overhead, so never time this run.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type().name == "CPU"]
+    events.sort()
+    cur = peak = 0
+    for _, nbytes in events:
+        cur += nbytes
+        peak = max(peak, cur)
+    return peak / 2**20, result
+
+
+def cuda_peak_alloc_mb(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Peak CUDA memory allocated during `fn()` above what was allocated before, in MB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20, result
+
+
+@dataclass
+class Measured:
+    best_s: float = float("inf")
+    peak_mb: float = 0.0
+    result: Any = None
+    error: str | None = None
+
+
+def measure_side_by_side(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    *,
+    memory: bool = True,
+    warmup: int = 0,
+) -> dict[str, Measured]:
+    """Run each contender `warmup` times plus once more untimed (the memory probe, which also
+    warms up), then `repeats` timed rounds A, B, A, B ... keeping each one's best wall time. A
+    contender that raises is reported with its error instead of stopping the others (e.g. out of
+    memory). Use `warmup` when the first call compiles: the probe would profile the compiler."""
+    out = {name: Measured() for name in fns}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            gc.collect()
+            if device.type == "cuda":
+                out[name].peak_mb, out[name].result = cuda_peak_alloc_mb(fn)
+            elif memory:
+                out[name].peak_mb, out[name].result = cpu_peak_alloc_mb(fn)
+            else:
+                out[name].result = fn()
+        except Exception as exc:  # noqa: BLE001 - a bench reports it in the table
+            out[name].error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if out[name].error:
+                continue
+            gc.collect()
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out[name].result = fn()
+            sync(device)
+            out[name].best_s = min(out[name].best_s, time.perf_counter() - t0)
+            if device.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                out[name].peak_mb = max(out[name].peak_mb, peak)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# reporting
+
+
 def format_table(header: list[str], rows: list[list]) -> str:
     """A plain, aligned text table (pastes into markdown as a code block)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
@@ -43,15 +198,42 @@ def format_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def peak_rss_mb(current: bool = False) -> float:
-    """Resident memory of this process in MB (current, or the OS-reported peak)."""
-    if current:
-        with open(f"/proc/{os.getpid()}/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    import resource
+def ms(seconds: float) -> str:
+    return "-" if seconds == float("inf") else f"{seconds * 1000:.0f}"
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def ratio(a: float, b: float) -> str:
+    """a / b as '3.2x' ('-' when either is missing)."""
+    if not (0 < a < float("inf") and 0 < b < float("inf")):
+        return "-"
+    return f"{a / b:.1f}x"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(*, threads: bool = True) -> str:
+    """One line for the table header: CPU, threads, GPU, torch and transformers versions."""
+    import transformers
+
+    parts = [f"{cpu_name()}, {os.cpu_count()} cores"
+             + (f", torch threads {torch.get_num_threads()}" if threads else "")]
+    if torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name()}")
+    parts.append(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    try:
+        parts.append(f"load avg {os.getloadavg()[0]:.1f}")
+    except OSError:
+        pass
+    return "; ".join(parts)
 
 
 def gpu_peak_tflops() -> float | None:
