@@ -73,3 +73,39 @@ def test_validation_ce_equals_manual_token_average(tiny_llama):
             total -= logp[len(p) - 1 + k, t].item()
             count += 1
     assert got == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_before_and_after_a_short_cpu_run(tmp_path):
+    """`ebft eval` on the CPU preset prints all three metrics for the base model and for the adapter
+    a short run trained, and appends both as `eval` records to the run's metrics.jsonl."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    preset = str(root / "presets" / "smollm2-135m-strided-cpu.yaml")
+    run = tmp_path / "run"
+    common = ["--max-rows", "2", "--max-new-tokens", "24", "--n-samples", "2", "--log-dir", str(run)]
+
+    def ebft(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ebft_engine", *args], cwd=root, capture_output=True,
+                              text=True, timeout=900)
+
+    before = ebft("eval", preset, *common)
+    assert before.returncode == 0, before.stderr[-2000:]
+    trained = ebft("train", preset, "datasets.0.split=train[:1]", "max_steps=2", "save_steps=2",
+                   "learning_rate=1e-3", f"output_dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    after = ebft("eval", preset, "--adapter", str(run / "adapter"), *common)
+    assert after.returncode == 0, after.stderr[-2000:]
+    for out in (before.stdout, after.stdout):
+        assert "validation CE" in out and "CFM loss" in out and "pass@1" in out
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"event": "eval"' in line]
+    assert [e["adapter"] for e in evals] == [None, str(run / "adapter")]
+    for e in evals:
+        assert e["eval/ce_loss"] > 0 and e["eval/cfm_loss"] >= 0 and 0 <= e["eval/pass@1"] <= 1
+    # the trained adapter really is what was evaluated: its CE differs from the base model's
+    assert evals[0]["eval/ce_loss"] != evals[1]["eval/ce_loss"]
