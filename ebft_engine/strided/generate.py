@@ -25,6 +25,7 @@ both generators, so equal logits give equal tokens. τ = 0 means argmax of the u
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -44,12 +45,6 @@ def _cache_of(out):
 def _gather_rows(hidden: Tensor, index: Tensor) -> Tensor:
     """hidden [N, T, H], index [N, M] -> [N, M, H]."""
     return hidden.gather(1, index.unsqueeze(-1).expand(*index.shape, hidden.shape[-1]))
-
-
-def _uniforms(noise: Tensor | None, step: int, shape: tuple[int, int], generator, device) -> Tensor:
-    if noise is not None:
-        return noise[:, step].to(device=device, dtype=torch.float32)
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
 
 
 def sample_from_logits(
@@ -81,16 +76,6 @@ def sample_from_logits(
     return idx.clamp_(max=logits.shape[-1] - 1)
 
 
-def _warn_temperature(temperature: float) -> None:
-    if temperature <= 0:
-        warnings.warn("strided temperature 0: sampling is argmax of the unscaled logits, so all "
-                      "n samples of a block are identical", stacklevel=3)
-
-
-def _empty(N: int, layout: StridedLayout, device) -> Tensor:
-    return torch.zeros(N, 0, layout.G, dtype=torch.long, device=device)
-
-
 class _EvalMode:
     """model.eval() for the duration (LoRA dropout off), restoring train mode after."""
 
@@ -103,6 +88,52 @@ class _EvalMode:
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+
+
+StepLogits = Callable[[int], Tensor]
+"""s -> fp32 logits [B·n, NB, V] that token (s, ·) is sampled from (tokens of steps < s are set)."""
+
+
+def _sample_blocks(
+    model: nn.Module,
+    input_ids: Tensor,
+    layout: StridedLayout,
+    start: Callable[[Tensor], StepLogits],
+    *,
+    n_samples: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None,
+    noise: Tensor | None,
+    return_logits: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The sampling loop both generators share: `start(tokens)` sets up a way of computing each
+    step's logits (reading the tokens sampled so far); this loop draws the uniforms in one order
+    and samples, so equal logits give equal tokens."""
+    if temperature <= 0:
+        warnings.warn("strided temperature 0: sampling is argmax of the unscaled logits, so all "
+                      "n samples of a block are identical", stacklevel=3)
+    B = input_ids.shape[0]
+    N, NB, G = B * int(n_samples), layout.NB, layout.G
+    device = input_ids.device
+    tokens = torch.empty(N, NB, G, dtype=torch.long, device=device)
+    all_logits = []
+    if NB > 0:
+        # sdpa/eager with dense masks for the whole generation, even when the model trains with flex
+        with _EvalMode(model), attention_for(model, None):
+            logits_at = start(tokens)
+            for s in range(G):
+                logits = logits_at(s)
+                u = (noise[:, s].to(device=device, dtype=torch.float32) if noise is not None else
+                     torch.rand((N, NB), generator=generator, device=device, dtype=torch.float32))
+                tokens[:, :, s] = sample_from_logits(logits, temperature=temperature, top_p=top_p, uniform=u)
+                if return_logits:
+                    all_logits.append(logits)
+    if not return_logits:
+        return tokens
+    if NB == 0:
+        return tokens, torch.zeros(N, 0, G, 0, device=device)
+    return tokens, torch.stack(all_logits, dim=2)
 
 
 @torch.no_grad()
@@ -133,28 +164,17 @@ def generate_blocks(
     Returns:
         tokens [B·n, NB, G] (block b's tokens in order), and the logits if asked.
     """
-    _warn_temperature(temperature)
-    B, S = input_ids.shape
-    n, NB, G = int(n_samples), layout.NB, layout.G
-    N = B * n
-    device = input_ids.device
-    if NB == 0:
-        empty = _empty(N, layout, device)
-        return (empty, torch.zeros(N, 0, G, 0, device=device)) if return_logits else empty
+    n, S, NB = int(n_samples), input_ids.shape[1], layout.NB
     head = lm_head(model)
-    tokens = torch.empty(N, NB, G, dtype=torch.long, device=device)
-    all_logits = [] if return_logits else None
-    anchors = layout.anchors.repeat_interleave(n, dim=0)  # [N, NB]
 
-    # sdpa/eager with dense masks for the whole generation, even when the model trains with flex
-    with _EvalMode(model), attention_for(model, None):
+    def start(tokens: Tensor) -> StepLogits:
         # 1. prefill the B documents once, causally (right padding: real tokens never see pads)
         out = decoder_body(model)(
             input_ids=input_ids, position_ids=layout.position_ids[:, :S], use_cache=True)
         cache = _cache_of(out)
         h = _gather_rows(out.last_hidden_state, layout.anchors - 1)  # [B, NB, H]
         del out
-        logits = head(h).float().repeat_interleave(n, dim=0)  # [N, NB, V]
+        prefill_logits = head(h).float().repeat_interleave(n, dim=0)  # [N, NB, V]
         if n > 1:
             cache.batch_repeat_interleave(n)
         # [N, 1, NB, S + (G-1)·NB], converted once to an additive mask in the model's dtype (SDPA
@@ -163,24 +183,23 @@ def generate_blocks(
         allowed = decode_step_mask(layout, repeat=n)
         K = allowed.shape[-1]
         masks = torch.full((*allowed.shape[:-1], -(-K // 16) * 16), torch.finfo(h.dtype).min,
-                           dtype=h.dtype, device=device)
+                           dtype=h.dtype, device=h.device)
         masks[..., :K].masked_fill_(allowed, 0.0)
         del allowed
+        anchors = layout.anchors.repeat_interleave(n, dim=0)  # [N, NB]
 
-        for s in range(G):
-            if s > 0:  # 3. feed the previous step's tokens only
-                hidden = forward_with_mask(
-                    model, tokens[:, :, s - 1], anchors + (s - 1), masks[..., : S + s * NB],
-                    cache=cache)
-                logits = head(hidden).float()
-            # 2. step 0 samples from the prefill logits
-            u = _uniforms(noise, s, (N, NB), generator, device)
-            tokens[:, :, s] = sample_from_logits(logits, temperature=temperature, top_p=top_p, uniform=u)
-            if all_logits is not None:
-                all_logits.append(logits)
-    if all_logits is not None:
-        return tokens, torch.stack(all_logits, dim=2)
-    return tokens
+        def logits_at(s: int) -> Tensor:
+            if s == 0:  # 2. step 0 samples from the prefill logits
+                return prefill_logits
+            # 3. feed only the previous step's tokens, at positions a_b + s - 1
+            hidden = forward_with_mask(model, tokens[:, :, s - 1], anchors + (s - 1),
+                                       masks[..., : S + s * NB], cache=cache)
+            return head(hidden).float()
+
+        return logits_at
+
+    return _sample_blocks(model, input_ids, layout, start, n_samples=n, temperature=temperature,
+                          top_p=top_p, generator=generator, noise=noise, return_logits=return_logits)
 
 
 @torch.no_grad()
@@ -200,32 +219,21 @@ def generate_blocks_naive(
     document + every block's s tokens so far, step-major) with a freshly built dense block mask,
     then sample from the index-map rows. Same arguments, randomness and output as
     `generate_blocks`."""
-    _warn_temperature(temperature)
-    B, S = input_ids.shape
-    n, NB, G = int(n_samples), layout.NB, layout.G
-    N = B * n
-    device = input_ids.device
-    if NB == 0:
-        empty = _empty(N, layout, device)
-        return (empty, torch.zeros(N, 0, G, 0, device=device)) if return_logits else empty
+    n, S, NB = int(n_samples), input_ids.shape[1], layout.NB
     head = lm_head(model)
     rep = layout.repeat(n)
     docs = input_ids.repeat_interleave(n, dim=0)
-    tokens = torch.empty(N, NB, G, dtype=torch.long, device=device)
-    all_logits = [] if return_logits else None
 
-    with _EvalMode(model), attention_for(model, None):
-        for s in range(G):
+    def start(tokens: Tensor) -> StepLogits:
+        def logits_at(s: int) -> Tensor:
             T_s = S + s * NB
-            gen = tokens[:, :, :s].transpose(1, 2).reshape(N, s * NB)  # step-major
+            gen = tokens[:, :, :s].transpose(1, 2).reshape(tokens.shape[0], s * NB)  # step-major
             seq = torch.cat([docs, gen], dim=1)
             mask = dense_block_mask(layout, repeat=n, length=T_s)
             hidden = forward_with_mask(model, seq, rep.position_ids[:, :T_s], mask)
-            logits = head(_gather_rows(hidden, rep.pred_index[:, :, s])).float()
-            u = _uniforms(noise, s, (N, NB), generator, device)
-            tokens[:, :, s] = sample_from_logits(logits, temperature=temperature, top_p=top_p, uniform=u)
-            if all_logits is not None:
-                all_logits.append(logits)
-    if all_logits is not None:
-        return tokens, torch.stack(all_logits, dim=2)
-    return tokens
+            return head(_gather_rows(hidden, rep.pred_index[:, :, s])).float()
+
+        return logits_at
+
+    return _sample_blocks(model, input_ids, layout, start, n_samples=n, temperature=temperature,
+                          top_p=top_p, generator=generator, noise=noise, return_logits=return_logits)

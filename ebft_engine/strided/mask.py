@@ -29,7 +29,14 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ebft_engine.features import _cache_kwarg, _decoder, _unwrap_peft
+
 from .layout import StridedLayout
+
+# the decoder body (no lm_head; LoRA layers stay active) and the transformers model inside a peft
+# wrapper: the feature pass's helpers, shared so both passes find the same modules
+decoder_body = _decoder
+_hf_model = _unwrap_peft
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -204,12 +211,6 @@ def supports_flex(device: torch.device | str, requires_grad: bool) -> bool:
 # Running a model with a custom mask
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper, else `model`."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def attn_implementation(model: nn.Module) -> str:
     return str(getattr(_hf_model(model).config, "_attn_implementation", "eager"))
 
@@ -261,36 +262,11 @@ def attention_for(model: nn.Module, mask: Any) -> Iterator[None]:
             yield
 
 
-def decoder_body(model: nn.Module) -> nn.Module:
-    """The decoder body (no lm_head) of a causal LM or of a peft wrapper around one; LoRA layers
-    stay active (they are injected into the body's modules)."""
-    hf = _hf_model(model)
-    get_decoder = getattr(hf, "get_decoder", None)
-    dec = get_decoder() if callable(get_decoder) else None
-    if dec is None:
-        dec = getattr(hf, "model", None)
-    if dec is None:
-        raise ValueError(f"cannot find the decoder body of {type(hf).__name__}")
-    return dec
-
-
 def lm_head(model: nn.Module) -> nn.Module:
     head = _hf_model(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(_hf_model(model)).__name__} has no output embeddings (lm_head)")
     return head
-
-
-def cache_kwarg(module: nn.Module) -> str:
-    """`cache` on transformers >= 5.2x (`past_key_values` is deprecated there), else
-    `past_key_values`."""
-    import inspect
-
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def forward_with_mask(
@@ -314,7 +290,7 @@ def forward_with_mask(
     target = decoder_body(model) if body_only else model
     kwargs = dict(kw)
     if cache is not None:
-        kwargs[cache_kwarg(decoder_body(model))] = cache
+        kwargs[_cache_kwarg(decoder_body(model))] = cache
         kwargs.setdefault("use_cache", True)
     else:
         kwargs.setdefault("use_cache", False)
