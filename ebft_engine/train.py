@@ -420,7 +420,8 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
         log.close()
 
 
-USER_ERRORS = ("ModelLoadError", "DatasetError", "ConfigError", "TransformError", "RunDirError")
+USER_ERRORS = ("ModelLoadError", "DatasetError", "ConfigError", "TransformError", "RunDirError",
+               "ServerError", "StructuredError")
 """Exception class names that mean "the config points at something unusable": one message, no
 traceback. (Matched by name so this module need not import every module that defines one.)"""
 

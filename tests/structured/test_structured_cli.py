@@ -108,3 +108,4 @@ def test_train_without_a_server_exits_nonzero_with_a_clear_error(tiny_model_dir,
     assert done.returncode != 0
     assert time.monotonic() - t0 < 60
     assert f"127.0.0.1:{port}" in done.stderr and "did not become healthy" in done.stderr
+    assert "Traceback" not in done.stderr  # the user's to fix (start the server): no traceback
