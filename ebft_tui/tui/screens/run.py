@@ -25,6 +25,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from ebft_tui.catalog import METRICS, healthy_range
+from ebft_tui.metrics.evals import eval_lines
 from ebft_tui.metrics.history import MetricHistory
 from ebft_tui.overrides import get_path
 from ebft_tui.runs.layout import RunDir
@@ -118,6 +119,9 @@ class RunScreen(Screen):
     RunScreen #hints { height: auto; max-height: 7; padding: 0 1; border: round $warning;
                        border-title-color: $warning; display: none; }
     RunScreen #hints.-shown { display: block; }
+    RunScreen #evals { height: auto; max-height: 5; padding: 0 1; border: round $accent;
+                       border-title-color: $accent; display: none; }
+    RunScreen #evals.-shown { display: block; }
     RunScreen TabbedContent { height: 2fr; min-height: 8; }
     RunScreen TabPane { padding: 0; }
     """
@@ -161,6 +165,9 @@ class RunScreen(Screen):
         hints = Static("", id="hints")
         hints.border_title = "hints"
         yield hints
+        evals = Static("", id="evals")
+        evals.border_title = "ebft eval"
+        yield evals
         with TabbedContent(initial="tab-procs" if not self.readonly else "tab-trainer"):
             with TabPane("processes", id="tab-procs"):
                 yield ProcessTable(id="procs")
@@ -214,6 +221,14 @@ class RunScreen(Screen):
                 self.card(key).show(h.series(key), h.health(key))
         self.query_one(RunProgress).show(h.step, h.max_steps, h.eta_seconds(), h.phase)
         self.render_hints()
+        self.render_evals()
+
+    def render_evals(self) -> None:
+        """`ebft eval` records of this run dir, newest last, arrows against the eval before."""
+        lines = eval_lines(self.history.evals, markup=True)
+        panel = self.query_one("#evals", Static)
+        panel.update("\n".join(lines))
+        panel.set_class(bool(lines), "-shown")
 
     def render_hints(self) -> None:
         lines = self.extra_hints + hint_lines(self.history, CARD_KEYS)
