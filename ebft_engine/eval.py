@@ -205,11 +205,11 @@ def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = N
              log_dir: str | Path | None = None) -> dict[str, Any]:
     """Run all three measurements; append the `eval` record; return it."""
     from ebft_engine.metrics import MetricsLog
-    from ebft_engine.modeling import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from ebft_engine.modeling import config_dtype, load_model, load_tokenizer, resolve_device
 
     t0 = time.time()
     device = resolve_device(getattr(cfg, "device", "auto"))
-    dtype = resolve_dtype(getattr(cfg, "bf16", "auto"), getattr(cfg, "fp16", False), device)
+    dtype = config_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
     model = load_model(cfg.base_model, dtype=dtype, device=device)
     if adapter:

@@ -243,6 +243,22 @@ def resolve_dtype(bf16: bool | str | None, fp16: bool | None, device: "torch.dev
     return torch.float32
 
 
+def config_dtype(cfg: Any, device: "torch.device") -> "torch.dtype":
+    """The dtype a config trains (and serves, and evaluates) in: `torch_dtype` when set, else
+    `bf16`/`fp16` through `resolve_dtype`. One function, so trainer, generation server and eval
+    never disagree (a trainer in bf16 against a server in fp32 skews every importance weight)."""
+    import torch
+
+    def get(key: str, default: Any) -> Any:
+        value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+        return default if value is None else value
+
+    explicit = str(get("torch_dtype", "auto")).replace("torch.", "")
+    if explicit != "auto":
+        return getattr(torch, explicit)
+    return resolve_dtype(get("bf16", "auto"), get("fp16", False), device)
+
+
 def resolve_attn_implementation(cfg: Any, device: "torch.device") -> str:
     """sdpa unless the config asks for flash-attn or flex attention and the device can run it.
 
@@ -373,7 +389,7 @@ def build_model_and_tokenizer(cfg: Any) -> tuple[Any, "PreTrainedTokenizerBase",
     if adapter not in (None, "", "lora", "qlora"):
         raise ModelLoadError(f"adapter: {adapter!r} is not supported: use lora, or leave it unset for full fine-tuning")
     device = resolve_device(getattr(cfg, "device", "auto"))
-    dtype = resolve_dtype(getattr(cfg, "bf16", "auto"), getattr(cfg, "fp16", False), device)
+    dtype = config_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
     model = load_model(
         cfg.base_model, dtype=dtype, device=device, attn_implementation=resolve_attn_implementation(cfg, device)

@@ -17,6 +17,7 @@ from ebft_engine.modeling import (
     ModelLoadError,
     apply_lora,
     build_model_and_tokenizer,
+    config_dtype,
     cpu_supports_bf16,
     load_model,
     load_tokenizer,
@@ -26,6 +27,7 @@ from ebft_engine.modeling import (
 )
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tiny_llama(vocab_size: int = 97, layers: int = 2):
@@ -72,6 +74,23 @@ def test_resolve_dtype(monkeypatch):
     monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: False)
     assert resolve_dtype("auto", False, CPU) == torch.float32
     assert resolve_dtype("auto", True, CPU) == torch.float16
+
+
+def test_torch_dtype_wins_everywhere_the_config_is_loaded(monkeypatch, tmp_path):
+    """`torch_dtype` used to reach only the generation server: the trainer stayed in bf16 and every
+    importance weight compared a bf16 policy with fp32 server log-probs."""
+    from ebft_engine.config import load_config
+    from ebft_engine.rollout.vllm_launcher import hf_dtype
+
+    monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
+    assert config_dtype({"bf16": True, "torch_dtype": "float32"}, CPU) == torch.float32
+    assert config_dtype({"bf16": "auto", "torch_dtype": "auto"}, CPU) == torch.bfloat16
+    assert config_dtype({"bf16": False, "torch_dtype": None}, CPU) == torch.float32
+    cfg = load_config(REPO / "presets" / "smollm2-135m-structured-cpu.yaml",
+                      ["torch_dtype=float32", "device=cpu"])
+    assert config_dtype(cfg, CPU) == torch.float32 and hf_dtype(cfg) == "float32"
+    cfg = load_config(REPO / "presets" / "smollm2-135m-structured-cpu.yaml", ["device=cpu"])
+    assert config_dtype(cfg, CPU) == torch.bfloat16 and hf_dtype(cfg) == "bfloat16"
 
 
 def test_resolve_device():

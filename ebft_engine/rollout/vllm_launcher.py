@@ -182,18 +182,10 @@ def hf_serve_argv(cfg, port: int, host: str = LOOPBACK, model_path: str | None =
 def hf_dtype(cfg) -> str:
     """Our server's dtype: the one the trainer picks for this config (so the importance weights
     compare like with like): `torch_dtype`, else `bf16`/`fp16` as modeling resolves them."""
-    explicit = _get(cfg, "torch_dtype")
-    if explicit and str(explicit) != "auto":
-        return str(explicit).replace("torch.", "")
-    try:
-        from ebft_engine import modeling
+    from ebft_engine import modeling
 
-        device = modeling.resolve_device(_get(cfg, "device", "auto"))
-        return modeling.dtype_name(modeling.resolve_dtype(_get(cfg, "bf16", "auto"),
-                                                          _get(cfg, "fp16", False), device))
-    except ImportError:  # pragma: no cover - modeling is part of the package
-        dtype = serve_dtype(cfg)
-        return "float32" if dtype == "auto" else dtype
+    device = modeling.resolve_device(_get(cfg, "device", "auto"))
+    return modeling.dtype_name(modeling.config_dtype(cfg, device))
 
 
 def resolve_model_source(cfg) -> tuple[str, str | None]:
