@@ -162,6 +162,8 @@ class StructuredStepper:
         print(f"generation server {self.client.hostport} healthy after {waited:.1f}s: serving "
               f"'{self.base_name}', max_model_len {self.max_model_len}", flush=True)
 
+        self._check_server(model)
+
         # weight sync
         from ebft_engine.rollout.protocol import POLICY_PREFIX
         from ebft_engine.rollout.weight_sync import FullSync, LoRASync, lora_sync_problems
@@ -303,6 +305,24 @@ class StructuredStepper:
         return v if isinstance(v, (bool, str)) else bool(v)
 
     # -- rollouts (runs in the producer thread in async mode: no model access here) ---------------
+
+    def _check_server(self, model: Any) -> None:
+        """Refuse a server whose log-probs or LoRA limits do not fit this run; warn on the rest."""
+        from ebft_engine.rollout.capabilities import check_server_config
+
+        lora_rank = None
+        if self.peft and bool(_cfg(self.cfg, "trl.vllm_lora_sync", False)):
+            lora_rank = int(_cfg(self.cfg, "lora_r", 16))
+        plain = (self.temperature == 1.0 and self.top_p >= 1.0 and self.top_k <= 0
+                 and self.min_p <= 0.0)
+        dtype = self.dtype if self.dtype is not None else next(model.parameters()).dtype
+        check = check_server_config(self.client.server_config(),
+                                    trainer_dtype=str(dtype).removeprefix("torch."),
+                                    lora_rank=lora_rank, sampling_is_plain=plain)
+        for message in check.warnings:
+            warnings.warn(message, stacklevel=2)
+        if check.errors:
+            raise StructuredError(" ".join(check.errors))
 
     def _stop_ids(self) -> list[int]:
         explicit = _cfg(self.cfg, "trl.generation_kwargs.stop_token_ids", None)

@@ -184,6 +184,22 @@ class GenerationClient:
                 return int(m["max_model_len"])
         return None
 
+    def server_config(self) -> dict | None:
+        """`vllm_config` of `GET /server_info?config_format=json` (vLLM dev mode, our hf server),
+        or None when the server does not have the route or answers something else."""
+        try:
+            r = self._http.get("/server_info", params={"config_format": "json"},
+                               timeout=httpx.Timeout(self.timeouts.control, connect=self.timeouts.connect))
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        try:
+            config = r.json().get("vllm_config")
+        except (ValueError, AttributeError):
+            return None
+        return config if isinstance(config, dict) else None
+
     def _json(self, r: httpx.Response, what: str):
         try:
             return r.json()

@@ -423,6 +423,16 @@ def create_app(state: ServerState):
 
         return {"version": f"ebft-hf-{__version__}"}
 
+    @app.get("/server_info")
+    def server_info():
+        """The subset of vLLM's dev-mode self-description the trainer checks (capabilities.py)."""
+        return {"vllm_config": {
+            "model_config": {"logprobs_mode": "processed_logprobs", "generation_config": "vllm",
+                             "max_model_len": state.max_model_len,
+                             "dtype": str(next(state.model.parameters()).dtype)},
+            "lora_config": {"max_lora_rank": state.max_lora_rank},
+        }}
+
     @app.get("/v1/models")
     def models():
         created = int(time.time())

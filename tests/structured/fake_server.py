@@ -11,6 +11,7 @@ Modes:
   hang        /health ok, completions never answer
 Every request body is appended to --record as a JSON line (path, body, time).
 --delay S makes each completion request take S seconds; --same makes the n samples identical.
+--server-info JSON: what GET /server_info answers as `vllm_config` (default: no such route).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Handler(BaseHTTPRequestHandler):
     record = None
     delay = 0.0
     same = False
+    server_info = None
     adapters: dict[str, str] = {}
     lock = threading.Lock()
 
@@ -48,6 +50,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health":
             return self._send(200, "", "text/plain")
+        if self.path.split("?")[0] == "/server_info" and self.server_info is not None:
+            return self._send(200, {"vllm_config": self.server_info})
         if self.path == "/v1/models":
             data = [{"id": "ebft-base", "parent": None, "max_model_len": 512}]
             data += [{"id": k, "parent": "ebft-base"} for k in self.adapters]
@@ -106,7 +110,9 @@ def main() -> int:
     ap.add_argument("--record", default=None)
     ap.add_argument("--delay", type=float, default=0.0, help="seconds per completion request")
     ap.add_argument("--same", action="store_true", help="all n samples of a prompt identical")
+    ap.add_argument("--server-info", default=None, help="JSON for GET /server_info's vllm_config")
     args = ap.parse_args()
+    Handler.server_info = json.loads(args.server_info) if args.server_info else None
     Handler.mode, Handler.record, Handler.delay = args.mode, args.record, args.delay
     Handler.same = args.same
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
