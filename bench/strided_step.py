@@ -7,19 +7,24 @@ of `presets/smollm2-135m-strided-cpu.yaml` (G = stride = C = 8, n = 4, LoRA r 8 
 `--adapter full` for full fine-tuning) with random-weight models of real shapes. Beside it, the
 generator alone (`generate_blocks` on the same micro-batch) gives generation's share of the step.
 On CUDA each shape is also run with the flex BlockMask and with the dense mask, side by side.
+Each mask runs with the stepper's two sample layouts side by side: `folded` (the default: the n
+samples of a document are n·NB blocks of one row, the document runs once) and `copies` (n copies of
+each document, the same numbers: tests/strided/test_strided_step.py); `vs copies` is the speed-up.
 
 What the FLOPs count (the usual 2·params per token per matmul pass, attention scores excluded, so
 MFU is a slight under-estimate; gradient-checkpoint recompute excluded, as MFU conventions do):
 
-- P_body: decoder-layer parameters (LoRA included), P_head: lm_head (vocab × hidden). N = B·n rows
-  of T = S + NB·G slots; NB·G predicting rows per row go through the lm_head.
+- P_body: decoder-layer parameters (LoRA included), P_head: lm_head (vocab × hidden). The forwards
+  run R rows of T slots: folded R = B, T = S + n·NB·G; copies R = B·n, T = S + NB·G. Either way
+  N·NB·G sampled tokens (N = B·n) go through the lm_head.
 - generation: 2·P_body·(B·S prefill + (G−1)·N·NB decode tokens) + 2·P_head·N·NB·G sampled rows
-- feature pass: 2·P_body·(l/L)·N·T (the frozen body stops at its deepest feature layer l of L)
-- training: (4·P_body + 2·P_body_trainable)·N·T + (4 + 2·[head trains])·P_head·N·NB·G
+- feature pass: 2·P_body·(l/L)·R·T (the frozen body stops at its deepest feature layer l of L)
+- training: (4·P_body + 2·P_body_trainable)·R·T + (4 + 2·[head trains])·P_head·N·NB·G
   (forward 2P, backward 2P for activations + 2P only for weights that train: 6·P·tokens for a
   full fine-tune, ≈4·P·tokens with LoRA) + the CE rows (B·S, forward only when ce_coef = 0).
 
-Tokens/s counts the trained tokens N·T per step (`StepResult.n_tokens`).
+`slots/step` is R·T (`StepResult.n_tokens`); `sampled tok/s` counts the N·NB·G rollout tokens
+scored per second, the same work in both layouts.
 
     python bench/strided_step.py --quick                   # tiny shape, S = 128, 256: CPU < 1 min
     python bench/strided_step.py                           # tiny and smollm2-135m shapes, S = 256
@@ -48,7 +53,7 @@ from ebft_engine.strided.step import StridedStepper  # noqa: E402
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "smollm2-135m-strided-cpu.yaml"
 
 
-def step_flops(model, stepper: StridedStepper, layout, B: int) -> dict[str, float]:
+def step_flops(model, stepper: StridedStepper, layout, B: int, fold: bool = True) -> dict[str, float]:
     """Model FLOPs of one micro-batch's step, by part (see the module docstring)."""
     e, n = stepper.e, stepper.n
     body, head = decoder_body(model), lm_head(model)
@@ -57,14 +62,15 @@ def step_flops(model, stepper: StridedStepper, layout, B: int) -> dict[str, floa
     p_body_train = sum(p.numel() for p in layers.parameters() if p.requires_grad)
     p_head = head.weight.numel()
     head_trains = head.weight.requires_grad
-    S, NB, G, T = layout.S, layout.NB, layout.G, layout.T
+    S, NB, G = layout.S, layout.NB, layout.G
     N = B * n
+    R, T = (B, layout.fold(n).T) if fold else (N, layout.T)  # rows and slots of the forwards
     L = num_decoder_layers(model)
     depth = (max(stepper.layer_indices) / L) if stepper.layer_indices else 1.0
     gen = 2 * p_body * (B * S + (G - 1) * N * NB) + 2 * p_head * N * NB * G
-    feat = 2 * p_body * depth * N * T
+    feat = 2 * p_body * depth * R * T
     ce_factor = (4 + 2 * head_trains) if float(e.ce_coef) != 0.0 else 2
-    train = ((4 * p_body + 2 * p_body_train) * N * T + (4 + 2 * head_trains) * p_head * N * NB * G
+    train = ((4 * p_body + 2 * p_body_train) * R * T + (4 + 2 * head_trains) * p_head * N * NB * G
              + ce_factor * p_head * B * S)
     return dict(generation=gen, features=feat, training=train, total=gen + feat + train)
 
@@ -94,6 +100,8 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--masks", nargs="+", choices=["dense", "flex"], default=None,
                     help="mask forms to run (default: dense on CPU, flex and dense on CUDA)")
+    ap.add_argument("--layouts", nargs="+", choices=["folded", "copies"], default=["folded", "copies"],
+                    help="sample layouts to run side by side (default both)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override on top of the preset, e.g. --set ebft.n_samples_per_prompt=8")
     args = ap.parse_args(argv)
@@ -116,6 +124,10 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
     if "flex" in masks:  # see flex_vs_dense.py: static recompiles per length
         torch._dynamo.config.automatic_dynamic_shapes = False
 
+    u = "TFLOP" if cuda else "GFLOP"
+    header = ["model", "seq_len", "mask", "samples", "T", "slots/step", "step ms", "vs copies",
+              "sampled tok/s", "gen ms (alone)", "gen share", f"{u}/step", f"{u}/s", "MFU"] + (
+                  ["peak MB"] if cuda else [])
     results, rows = [], []
     for shape in shapes:
         for S in lengths:
@@ -141,12 +153,13 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
             docs = [{"input_ids": torch.randint(0, vocab, (S,), generator=gen).tolist()} for _ in range(B)]
 
             steppers, fns = {}, {}
-            for form in masks:
+            contenders = [(form, kind) for form in masks for kind in args.layouts]
+            for form, kind in contenders:
                 attn = "flex_attention" if form == "flex" else "sdpa"
                 hf = model.get_base_model() if hasattr(model, "get_base_model") else model
                 hf.set_attn_implementation(attn)  # the stepper picks its mask from this
-                st = StridedStepper(cfg, model, None, device, dtype)
-                steppers[form] = st
+                st = StridedStepper(cfg, model, None, device, dtype, fold_samples=kind == "folded")
+                steppers[form, kind] = st
                 counter = [0]
 
                 def step(st=st, counter=counter):
@@ -156,8 +169,8 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     return res
-                fns[form] = _with_attn(model, attn, step)
-            st0 = steppers[masks[0]]
+                fns[form, kind] = _with_attn(model, attn, step)
+            st0 = steppers[contenders[0]]
             input_ids, _, lengths_t, prompts = st0.collate(docs)
             layout = st0.make_layout(lengths_t, prompts, input_ids.shape[1])
 
@@ -167,22 +180,29 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                                        generator=torch.Generator(device=device).manual_seed(0))
             fns["generation"] = _with_attn(model, "sdpa", generate_only)
             m = measure_side_by_side(fns, device, repeats, memory=cuda, warmup=1 if "flex" in masks else 0)
-            flops = step_flops(model, st0, layout, B)
             t_gen = m["generation"].best_s
-            for form in masks:
-                r = m[form]
+            sampled = B * st0.n * layout.NB * layout.G
+            for form, kind in contenders:
+                r = m[form, kind]
+                fold = kind == "folded"
+                T = layout.fold(st0.n).T if fold else layout.T
                 if r.error:
-                    print(f"{shape} S={S} {form}: {r.error}", file=sys.stderr)
-                    rows.append([shape, S, form, layout.T, "-", "-", "-", "-", "-", "-", "-"])
+                    print(f"{shape} S={S} {form} {kind}: {r.error}", file=sys.stderr)
+                    rows.append([shape, S, form, kind, T] + ["-"] * (len(header) - 5))
                     continue
+                flops = step_flops(model, st0, layout, B, fold=fold)
                 n_tok = r.result.n_tokens
                 tflops = flops["total"] / r.best_s / 1e12
                 mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-                results.append(dict(shape=shape, S=S, mask=form, T=layout.T, tokens=n_tok, step_s=r.best_s,
-                                    tokens_per_s=n_tok / r.best_s, gen_s=t_gen, tflop=flops["total"] / 1e12,
-                                    tflops=tflops, mfu=mfu, peak_mb=r.peak_mb))
+                other = m.get((form, "copies"))
+                vs = (f"{other.best_s / r.best_s:.2f}x" if fold and other is not None and not other.error
+                      else "-")
+                results.append(dict(shape=shape, S=S, mask=form, layout=kind, T=T, tokens=n_tok,
+                                    step_s=r.best_s, tokens_per_s=sampled / r.best_s, gen_s=t_gen,
+                                    tflop=flops["total"] / 1e12, tflops=tflops, mfu=mfu, peak_mb=r.peak_mb,
+                                    vs_copies=vs))
                 unit = 1e12 if cuda else 1e9  # TFLOP on a GPU, GFLOP on a CPU
-                rows.append([shape, S, form, layout.T, n_tok, ms(r.best_s), f"{n_tok / r.best_s:,.0f}",
+                rows.append([shape, S, form, kind, T, n_tok, ms(r.best_s), vs, f"{sampled / r.best_s:,.0f}",
                              ms(t_gen), f"{100 * t_gen / r.best_s:.0f}%",
                              _num(flops["total"] / unit), _num(flops["total"] / r.best_s / unit), mfu]
                             + ([f"{r.peak_mb:,.0f}"] if cuda else []))
@@ -192,9 +212,6 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                 torch.cuda.empty_cache()
 
     n = load_config(PRESET, args.overrides).ebft.n_samples_per_prompt
-    u = "TFLOP" if cuda else "GFLOP"
-    header = ["model", "seq_len", "mask", "T", "tokens/step", "step ms", "tokens/s", "gen ms (alone)",
-              "gen share", f"{u}/step", f"{u}/s", "MFU"] + (["peak MB"] if cuda else [])
     text = "\n".join([
         f"strided training step: device={device.type}, dtype={str(dtype).removeprefix('torch.')}, "
         f"adapter={args.adapter}, documents={B}, n_samples={n}, G=stride=C=8, "

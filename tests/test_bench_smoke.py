@@ -79,10 +79,15 @@ def test_strided_step_quick(capsys):
     text, results = mod.run(["--quick", "--lengths", "40"])
     print(text)
     rows = table_rows(capsys.readouterr().out, "model")
-    assert rows[0][:3] == ["tiny", "40", "dense"]
-    r = results[0]
-    assert r["tokens"] == 4 * r["T"]  # n = 4 samples of one document, T slots each
-    assert r["tokens_per_s"] > 0 and r["tflop"] > 0 and r["mfu"] == "-"  # no MFU on CPU
+    assert [r[:4] for r in rows] == [["tiny", "40", "dense", "folded"], ["tiny", "40", "dense", "copies"]]
+    folded, copies = results
+    S = 40
+    nbg = (folded["T"] - S) // 4  # NB·G slots per sample
+    assert copies["T"] == S + nbg and folded["tokens"] == folded["T"]  # one row: the document once
+    assert copies["tokens"] == 4 * copies["T"]  # n = 4 copies of the document
+    assert folded["tokens_per_s"] > 0 and folded["tflop"] > 0 and folded["mfu"] == "-"  # no MFU on CPU
+    assert folded["vs_copies"].endswith("x") and copies["vs_copies"] == "-"
+    assert folded["tflop"] < copies["tflop"]  # the same samples for fewer FLOPs
 
 
 def test_step_flops_full_finetune_is_six_p_per_token():
@@ -98,12 +103,13 @@ def test_step_flops_full_finetune_is_six_p_per_token():
     st = StridedStepper(cfg, model, None, "cpu", torch.float32)
     S = 40
     layout = st.make_layout(torch.tensor([S]), torch.tensor([-1]), S)
-    f = mod.step_flops(model, st, layout, 1)
     p_body = sum(p.numel() for p in model.model.layers.parameters())
     p_head = model.lm_head.weight.numel()
-    N, T, rows = 4, layout.T, 4 * layout.NB * layout.G
-    assert f["training"] == 6 * p_body * N * T + 6 * p_head * rows + 2 * p_head * S
-    assert f["generation"] == 2 * p_body * (S + 7 * N * layout.NB) + 2 * p_head * rows
+    head_rows = 4 * layout.NB * layout.G
+    for fold, rows_x_slots in ((False, 4 * layout.T), (True, S + 4 * layout.NB * layout.G)):
+        f = mod.step_flops(model, st, layout, 1, fold=fold)
+        assert f["training"] == 6 * p_body * rows_x_slots + 6 * p_head * head_rows + 2 * p_head * S
+        assert f["generation"] == 2 * p_body * (S + 7 * 4 * layout.NB) + 2 * p_head * head_rows
 
 
 @pytest.mark.slow

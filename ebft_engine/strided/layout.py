@@ -110,6 +110,19 @@ class StridedLayout:
         t = torch.arange(self.S, device=self.device)
         return t.unsqueeze(0) < self.real_lengths.unsqueeze(1)
 
+    def fold(self, n: int) -> "StridedLayout":
+        """The n samples of each document as n·NB blocks of **one** row: block j·NB + b is sample
+        j of block b (anchor a_b). Blocks never see each other, so each sample is computed
+        exactly as in `repeat(n)`, but the document is laid out and run once instead of n times
+        (the training and feature forwards shrink from B·n·(S + NB·G) to B·(S + n·NB·G) tokens).
+        `unfold_samples` turns per-block results back into [B·n, NB, ...]."""
+        if n == 1:
+            return self
+        return _with_slots(S=self.S, G=self.G, stride=self.stride, context_length=self.context_length,
+                           window=self.window, real_lengths=self.real_lengths, row_anchor=self.row_anchor,
+                           n_blocks=self.n_blocks * n, anchors=self.anchors.repeat(1, n),
+                           valid=self.valid.repeat(1, n))
+
     def repeat(self, n: int) -> "StridedLayout":
         """The same layout with every row repeated n times (row r·n + j is sample j of document r),
         the batch the n samples per document are laid out in."""
@@ -197,7 +210,19 @@ def make_layout(
     safe = raw.clamp(max=(lengths - 1).clamp_min(1).unsqueeze(1)).clamp_min(1)
     anchors = torch.where(valid, raw, safe)
 
+    return _with_slots(S=int(S), G=G, stride=int(stride), context_length=int(context_length),
+                       window=None if sliding_window is None else int(sliding_window),
+                       real_lengths=lengths, row_anchor=A, n_blocks=n_blocks, anchors=anchors, valid=valid)
+
+
+def _with_slots(*, S: int, G: int, stride: int, context_length: int, window: int | None,
+                real_lengths: Tensor, row_anchor: Tensor, n_blocks: Tensor, anchors: Tensor,
+                valid: Tensor) -> StridedLayout:
+    """Everything that follows from the anchors: slots, position ids, index map, GT positions."""
+    device = anchors.device
+    B, NB = anchors.shape
     s = torch.arange(G, device=device)
+    b = torch.arange(NB, device=device)
     gen_slots = S + s.unsqueeze(0) * NB + b.unsqueeze(1)  # [NB, G]
     gt = anchors.unsqueeze(-1) + s.view(1, 1, G)  # [B, NB, G]
     prev_slot = (gen_slots - NB).unsqueeze(0).expand(B, NB, G)  # pos(s-1, b)
@@ -210,12 +235,18 @@ def make_layout(
     position_ids = torch.cat([doc_pos, gen_pos], dim=1)
 
     return StridedLayout(
-        S=int(S), NB=NB, G=G, stride=int(stride), context_length=int(context_length),
-        window=None if sliding_window is None else int(sliding_window),
-        real_lengths=lengths, row_anchor=A, n_blocks=n_blocks, anchors=anchors, valid=valid,
-        position_ids=position_ids, gen_slots=gen_slots, pred_index=pred_index,
+        S=S, NB=NB, G=G, stride=stride, context_length=context_length, window=window,
+        real_lengths=real_lengths, row_anchor=row_anchor, n_blocks=n_blocks, anchors=anchors,
+        valid=valid, position_ids=position_ids, gen_slots=gen_slots, pred_index=pred_index,
         gt_positions=gt.clamp(max=max(S - 1, 0)),
     )
+
+
+def unfold_samples(per_block: Tensor, n: int) -> Tensor:
+    """[B, n·NB, ...] of a `fold(n)` layout -> [B·n, NB, ...] (row r·n + j = sample j of
+    document r), the shape the rewards, advantages and losses use."""
+    B, nNB = per_block.shape[:2]
+    return per_block.reshape(B * n, nNB // n, *per_block.shape[2:])
 
 
 def shift_pred_index(layout: StridedLayout) -> Tensor:

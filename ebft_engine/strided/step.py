@@ -9,6 +9,11 @@ Per micro-batch (engine-math §5-6):
     forward with the block mask -> log-probs at the index map with the sampling temperature ->
     rl_coef·rl_loss + ce_coef·ce_loss, divided over the micro-batches -> backward.
 
+The n samples of a document are laid out as n·NB blocks of one row (`StridedLayout.fold`), not as
+n copies of the document: blocks never see each other, so every number is the same (tested against
+each block run alone), while the two big forwards process B·(S + n·NB·G) tokens instead of
+B·n·(S + NB·G). Results go back to [B·n, NB, ...] (`unfold_samples`) for rewards and losses.
+
 The mask is dense SDPA where flex cannot train (CPU) and a flex BlockMask when the model was
 loaded with `attn_implementation="flex_attention"` on CUDA (`modeling.resolve_attn_implementation`
 decides that from `flex_attention: true`).
@@ -30,7 +35,7 @@ from ebft_engine.rewards import compute_rewards, reward_metrics
 from ebft_engine.stepper import StepResult
 
 from .generate import generate_blocks
-from .layout import StridedLayout, block_view, gen_region, make_layout
+from .layout import StridedLayout, block_view, gen_region, make_layout, unfold_samples
 from .loss import ce_loss, ce_positions, gather_logprobs, rl_loss
 from .mask import (attention_for, attn_implementation, dense_block_mask, flex_block_mask,
                    forward_with_mask, lm_head, supports_flex)
@@ -69,7 +74,7 @@ class StridedStepper:
     """The strided mode (`ebft_engine/stepper.py` protocol). One row = one document."""
 
     def __init__(self, cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dtype: Any = None,
-                 feature_model: nn.Module | None = None):
+                 feature_model: nn.Module | None = None, fold_samples: bool = True):
         e = cfg.ebft
         self.cfg, self.e = cfg, e
         self.model = model
@@ -99,6 +104,9 @@ class StridedStepper:
         if self.n == 1:  # config validation already does this; keep the math safe regardless
             self.estimator, self.diversity_coef = "reinforce", 0.0
         self._warned_empty = False
+        self.fold_samples = fold_samples
+        """n·NB blocks per document row (True) or n copies of each document (False: the same
+        numbers, more compute; kept for bench/strided_step.py's side-by-side)."""
 
     # ------------------------------------------------------------------------------------------
     # Stepper protocol
@@ -173,21 +181,24 @@ class StridedStepper:
                            generate_max_len=int(e.generate_max_len),
                            min_completion_prefix=int(e.min_completion_prefix), sliding_window=self.window)
 
-    def _mask(self, layout: StridedLayout):
+    def _mask(self, layout: StridedLayout, copies: int = 1):
         if self.use_flex:
-            return flex_block_mask(layout, repeat=self.n)
-        return dense_block_mask(layout, repeat=self.n)
+            return flex_block_mask(layout, repeat=copies)
+        return dense_block_mask(layout, repeat=copies)
 
-    def _features(self, seq: Tensor, positions: Tensor, mask, layout: StridedLayout) -> tuple[Tensor, Tensor]:
-        """Pooled (generated [N, NB, D'], ground truth [B, NB, D']) from one frozen forward."""
-        n, B = self.n, layout.B
+    def _features(self, seq: Tensor, mask, layout: StridedLayout, rollout: StridedLayout,
+                  copies: int = 1) -> tuple[Tensor, Tensor]:
+        """Pooled (generated [B·n, NB, D'], ground truth [B, NB, D']) from one frozen forward over
+        `seq` [B·copies, rollout.T] (each document row `copies` times over)."""
+        B = layout.B
         fm = self.feature_model if self.feature_model is not None else self.model
+        positions = rollout.repeat(copies).position_ids
         with frozen_feature_model(fm) as frozen, attention_for(frozen, mask):
             feats = token_features(frozen, seq, attention_mask=mask, position_ids=positions,
-                                   layer_indices=self.layer_indices)  # [N, T, D]
+                                   layer_indices=self.layer_indices)  # [B·copies, T', D]
         method = self.e.embed_method
-        gen = pool_blocks(block_view(feats, layout), method)  # [N, NB, D']
-        doc = feats[::n, : layout.S]  # sample 0 of each document: the document part is shared
+        gen = unfold_samples(pool_blocks(block_view(feats, rollout), method), self.n // copies)
+        doc = feats[::copies, : layout.S]  # the copies of a document are equal
         D = doc.shape[-1]
         idx = layout.gt_positions.reshape(B, -1)
         gt = doc.gather(1, idx.unsqueeze(-1).expand(B, idx.shape[1], D)).view(B, layout.NB, layout.G, D)
@@ -212,15 +223,18 @@ class StridedStepper:
                     stacklevel=3)
             return {**counts, "n_empty_micro_batches": 1}, 0, False
 
-        # 1. rollouts: n samples per document, every block at once (eval mode, no grad)
-        tokens = generate_blocks(model, input_ids, layout, n_samples=n, temperature=float(e.temperature),
-                                 top_p=float(e.top_p), generator=generator)  # [N, NB, G]
-        rep = layout.repeat(n)
-        seq = torch.cat([input_ids.repeat_interleave(n, dim=0), gen_region(tokens, layout)], dim=1)
-        mask = self._mask(layout)
+        # 1. rollouts: n samples per document, every block at once (eval mode, no grad), laid out
+        #    as n·NB blocks of each document's row (or, unfolded, n copies of the row)
+        rollout, copies = (layout.fold(n), 1) if self.fold_samples else (layout, n)
+        run = rollout.repeat(copies)  # the rows the forwards see: [B·copies, S + (n/copies)·NB·G]
+        tokens_x = generate_blocks(model, input_ids, rollout, n_samples=copies, temperature=float(e.temperature),
+                                   top_p=float(e.top_p), generator=generator)  # [B·copies, n/copies·NB, G]
+        valid = layout.valid.repeat_interleave(n, dim=0)  # [B·n, NB]
+        seq = torch.cat([input_ids.repeat_interleave(copies, dim=0), gen_region(tokens_x, rollout)], dim=1)
+        mask = self._mask(rollout, copies)
 
         # 2. rewards from the frozen features; one group per (document, block)
-        gen_f, gt_f = self._features(seq, rep.position_ids, mask, layout)
+        gen_f, gt_f = self._features(seq, mask, layout, rollout, copies)
         D = gen_f.shape[-1]
         groups_gen = to_groups(gen_f, n)  # [B·NB, n, D]
         groups_valid = layout.valid.reshape(-1)
@@ -233,21 +247,22 @@ class StridedStepper:
 
         # 3. training forward with the same mask; log-probs at the index map (logits / τ)
         head = lm_head(model)
-        hidden = forward_with_mask(model, seq, rep.position_ids, mask)  # [N, T, H]
-        logp, entropy = gather_logprobs(hidden, head, rep.pred_index, tokens,
+        hidden = forward_with_mask(model, seq, run.position_ids, mask)  # [B·copies, T', H]
+        logp, entropy = gather_logprobs(hidden, head, run.pred_index, tokens_x,
                                         temperature=float(e.temperature), chunk_size=LM_HEAD_CHUNK)
-        rl = rl_loss(logp, adv, rep.valid)
-        # CE on the ground truth (τ = 1): one copy of each document is enough (the copies are equal)
+        logp, entropy = unfold_samples(logp, n // copies), unfold_samples(entropy, n // copies)  # [B·n, NB, G]
+        rl = rl_loss(logp, adv, valid)
+        # CE on the ground truth (τ = 1), on the document part of each row
         ce_coef = float(e.ce_coef)
         rows_ce, tgt_ce, m_ce = ce_positions(labels, lengths)
         with torch.set_grad_enabled(ce_coef != 0.0 and torch.is_grad_enabled()):
-            logp_ce, _ = gather_logprobs(hidden[::n, :S], head, rows_ce, tgt_ce, temperature=1.0,
+            logp_ce, _ = gather_logprobs(hidden[::copies, :S], head, rows_ce, tgt_ce, temperature=1.0,
                                          chunk_size=LM_HEAD_CHUNK)
             ce = ce_loss(logp_ce, m_ce) if bool(m_ce.any()) else hidden.new_zeros((), dtype=torch.float32)
         loss = float(e.rl_coef) * rl + (ce_coef * ce if ce_coef != 0.0 else 0.0)
         (loss / n_micro).backward()
 
-        tok_valid = rep.valid.unsqueeze(-1).expand_as(entropy)
+        tok_valid = valid.unsqueeze(-1).expand_as(entropy)
         metrics = {
             **reward_metrics(out, groups_valid),
             "entropy": float(entropy[tok_valid].mean()),

@@ -9,7 +9,7 @@ import torch
 
 from tiny_models import make_tiny_llama
 from ebft_engine.strided.generate import generate_blocks, generate_blocks_naive, sample_from_logits
-from ebft_engine.strided.layout import make_layout
+from ebft_engine.strided.layout import make_layout, unfold_samples
 
 V = 97
 
@@ -43,6 +43,26 @@ def test_cached_equals_naive(setup, temperature, top_p):
         assert not torch.equal(a[0], a[1])
     else:
         assert torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.8, 0.7)])
+def test_folded_samples_generate_what_the_repeated_documents_do(setup, temperature, top_p):
+    """n samples as n·NB blocks of one row (one cache, one prefill, as the stepper runs it) give
+    the same tokens and logits as n copies of each document, with the same uniforms."""
+    model, ids, layout = setup
+    n, B, G, NB = 3, ids.shape[0], layout.G, layout.NB
+    noise = torch.rand(B * n, G, NB, generator=torch.Generator().manual_seed(7))
+    # folded block j·NB + b of row r is sample j (row r·n + j) of block b
+    noise_folded = noise.view(B, n, G, NB).permute(0, 2, 1, 3).reshape(B, G, n * NB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep, l_rep = generate_blocks(model, ids, layout, n_samples=n, temperature=temperature,
+                                     top_p=top_p, noise=noise, return_logits=True)
+        fold, l_fold = generate_blocks(model, ids, layout.fold(n), n_samples=1, temperature=temperature,
+                                       top_p=top_p, noise=noise_folded, return_logits=True)
+    assert fold.shape == (B, n * NB, G)
+    assert torch.equal(unfold_samples(fold, n), rep)
+    torch.testing.assert_close(unfold_samples(l_fold, n), l_rep, atol=1e-4, rtol=0)
 
 
 def test_generator_draws_match_and_are_reproducible(setup):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiny_models import make_tiny_llama
-from ebft_engine.strided.layout import gen_region, make_layout, shift_pred_index
+from ebft_engine.strided.layout import gen_region, make_layout, shift_pred_index, unfold_samples
 from ebft_engine.strided.loss import gather_logprobs
 from ebft_engine.strided.mask import dense_block_mask, forward_with_mask, lm_head
 
@@ -89,6 +89,32 @@ def test_block_parallel_equals_per_block_causal(model, case):
     else:  # NB = 1: the shift is right exactly for s >= 1
         later = valid & ~first
         torch.testing.assert_close(shifted[later], ref[later], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["1-3-4 stride<G", "padded rows", "prompt anchors"])
+def test_folded_samples_equal_per_block_causal_and_the_repeated_layout(model, case):
+    """n samples as n·NB blocks of one row (what the stepper runs) score every token exactly as
+    each block run alone, and exactly as the n-copies-of-the-document layout."""
+    n = 3
+    lengths, prompts, S, stride, C, G, mcp = CASES[case]
+    ids, layout, _ = _batch(lengths, prompts, S, stride, C, G, mcp)
+    folded = layout.fold(n)
+    assert folded.NB == n * layout.NB and folded.T == S + n * layout.NB * G
+    gen = torch.randint(0, V, (layout.B, folded.NB, G), generator=torch.Generator().manual_seed(5))
+    got = _block_parallel_logp(model, ids, folded, gen)
+    ref = _per_block_reference(model, ids, folded, gen)
+    valid = folded.valid.unsqueeze(-1).expand_as(got)
+    torch.testing.assert_close(got[valid], ref[valid], atol=1e-4, rtol=0)
+
+    rep = layout.repeat(n)
+    gen_rep = unfold_samples(gen, n)  # [B·n, NB, G]: row r·n + j = sample j of document r
+    seq = torch.cat([ids.repeat_interleave(n, dim=0), gen_region(gen_rep, layout)], dim=1)
+    with torch.no_grad():
+        hidden = forward_with_mask(model, seq, rep.position_ids, dense_block_mask(layout, repeat=n))
+        logp_rep, _ = gather_logprobs(hidden, lm_head(model), rep.pred_index, gen_rep, temperature=TAU)
+    valid_rep = rep.valid.unsqueeze(-1).expand_as(logp_rep)
+    torch.testing.assert_close(unfold_samples(got, n)[valid_rep], logp_rep[valid_rep], atol=1e-4, rtol=0)
+    assert torch.equal(unfold_samples(folded.valid, n), rep.valid)
 
 
 def test_prompt_anchors_and_padding_rules():

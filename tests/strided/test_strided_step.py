@@ -130,10 +130,74 @@ def test_generated_ground_truth_has_the_ground_truth_features(method):
     input_ids, labels, lengths, prompts = stepper.collate(rows_of([(40, None), (31, 7)], seed=3))
     layout = stepper.make_layout(lengths, prompts, input_ids.shape[1])
     gt_tokens = input_ids.gather(1, layout.gt_positions.view(2, -1)).view(2, layout.NB, layout.G)
-    tokens = gt_tokens.repeat_interleave(2, dim=0)
-    seq = torch.cat([input_ids.repeat_interleave(2, dim=0), gen_region(tokens, layout)], dim=1)
-    rep = layout.repeat(2)
-    gen_f, gt_f = stepper._features(seq, rep.position_ids, stepper._mask(layout), layout)
+    folded = layout.fold(2)
+    tokens = gt_tokens.repeat(1, 2, 1)  # both samples of every block are the ground truth
+    seq = torch.cat([input_ids, gen_region(tokens, folded)], dim=1)
+    gen_f, gt_f = stepper._features(seq, stepper._mask(folded), layout, folded)
+    assert gen_f.shape[:2] == (4, layout.NB)  # [B·n, NB, D']
     valid = layout.valid
     torch.testing.assert_close(gen_f[::2][valid], gt_f[valid], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gen_f[1::2][valid], gt_f[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_folded_step_equals_the_n_copies_reference(monkeypatch, fold):
+    """The stepper lays n samples out as n·NB blocks of one row; with the same sampled tokens its
+    loss and gradients equal the straightforward layout of n copies of each document."""
+    from ebft_engine.advantages import compute_advantages
+    from ebft_engine.features import frozen_feature_model, pool_blocks, token_features
+    from ebft_engine.rewards import compute_rewards
+    from ebft_engine.strided import step as step_mod
+    from ebft_engine.strided.layout import block_view, gen_region, unfold_samples
+    from ebft_engine.strided.loss import ce_loss, ce_positions, gather_logprobs, rl_loss
+    from ebft_engine.strided.mask import attention_for, dense_block_mask, forward_with_mask, lm_head
+
+    n = 3
+    cfg = strided_cfg(n_samples_per_prompt=n)
+    model = lora_model()
+    with torch.no_grad():  # LoRA B != 0 so the policy differs from the frozen feature model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    stepper = StridedStepper(cfg, model, None, "cpu", torch.float32, fold_samples=fold)
+    rows = rows_of([(40, None), (31, 7)], seed=4)
+    input_ids, labels, lengths, prompts = stepper.collate(rows)
+    layout = stepper.make_layout(lengths, prompts, input_ids.shape[1])
+    B, NB, G = layout.B, layout.NB, layout.G
+    tokens_f = torch.randint(0, V, (B, n * NB, G), generator=torch.Generator().manual_seed(2))
+    sampled = tokens_f if fold else unfold_samples(tokens_f, n)  # what each layout's generator returns
+    monkeypatch.setattr(step_mod, "generate_blocks", lambda *a, **k: sampled)
+    metrics, _, _ = stepper._micro_step(rows, 1, torch.Generator())
+    got_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    # reference: n copies of each document, row r·n + j = sample j
+    e = cfg.ebft
+    tokens = unfold_samples(tokens_f, n)
+    rep = layout.repeat(n)
+    seq = torch.cat([input_ids.repeat_interleave(n, dim=0), gen_region(tokens, layout)], dim=1)
+    mask = dense_block_mask(layout, repeat=n)
+    with frozen_feature_model(model) as frozen, attention_for(frozen, mask):
+        feats = token_features(frozen, seq, attention_mask=mask, position_ids=rep.position_ids,
+                               layer_indices=stepper.layer_indices)
+    gen = pool_blocks(block_view(feats, layout), e.embed_method)
+    doc = feats[::n, : layout.S]
+    idx = layout.gt_positions.reshape(B, -1)
+    gt = pool_blocks(doc.gather(1, idx.unsqueeze(-1).expand(B, idx.shape[1], doc.shape[-1]))
+                     .view(B, NB, G, -1), e.embed_method)
+    out = compute_rewards(to_groups(gen, n), gt.reshape(B * NB, -1), alignment_coef=e.alignment_coef,
+                          diversity_coef=e.diversity_coef, use_whitening=e.use_whitening,
+                          valid=layout.valid.reshape(-1))
+    adv = from_groups(compute_advantages(out, estimator=e.advantage_estimator, alignment_coef=e.alignment_coef,
+                                         diversity_coef=e.diversity_coef), B).float()
+    hidden = forward_with_mask(model, seq, rep.position_ids, mask)
+    logp, _ = gather_logprobs(hidden, lm_head(model), rep.pred_index, tokens, temperature=e.temperature)
+    rows_ce, tgt_ce, m_ce = ce_positions(labels, lengths)
+    logp_ce, _ = gather_logprobs(hidden[::n, : layout.S], lm_head(model), rows_ce, tgt_ce, temperature=1.0)
+    loss = e.rl_coef * rl_loss(logp, adv, rep.valid) + e.ce_coef * ce_loss(logp_ce, m_ce)
+    loss.backward()
+
+    assert metrics["loss"] == pytest.approx(float(loss.detach()), abs=1e-5)
+    assert got_grads and set(got_grads) == {k for k, p in model.named_parameters() if p.grad is not None}
+    for k, g in got_grads.items():
+        torch.testing.assert_close(g, model.get_parameter(k).grad, atol=1e-5, rtol=1e-4)
