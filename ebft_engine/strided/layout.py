@@ -242,6 +242,13 @@ def _with_slots(*, S: int, G: int, stride: int, context_length: int, window: int
     )
 
 
+def fold_sample_rows(per_sample: Tensor, n: int) -> Tensor:
+    """[B·n, NB, ...] (row r·n + j = sample j of document r) -> [B, n·NB, ...] of a `fold(n)`
+    layout (block j·NB + b). The inverse of `unfold_samples`."""
+    N, NB = per_sample.shape[:2]
+    return per_sample.reshape(N // n, n * NB, *per_sample.shape[2:])
+
+
 def unfold_samples(per_block: Tensor, n: int) -> Tensor:
     """[B, n·NB, ...] of a `fold(n)` layout -> [B·n, NB, ...] (row r·n + j = sample j of
     document r), the shape the rewards, advantages and losses use."""
