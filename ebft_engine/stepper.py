@@ -33,6 +33,10 @@ class Stepper(Protocol):
     rows_per_step: int
     """Dataset rows consumed per optimizer step (strided: documents; structured: prompts)."""
 
+    # Optional: `rows_in_flight: int`, rows taken for later steps but not trained on yet (structured
+    # async prefetch). A checkpoint rewinds the data order by that many, so a resumed run takes
+    # them again instead of skipping them.
+
     def run_step(self, rows: Sequence[dict[str, Any]], step: int) -> StepResult:
         """Roll out, score and backpropagate one optimizer step's rows (loss already divided for
         accumulation). Must not call `optimizer.step()`."""

@@ -184,6 +184,7 @@ class StructuredStepper:
         self._pending_sync_s = 0.0
         self._truncation_warned = False
         self._first_step: int | None = None
+        self._last_step: int | None = None
 
         # async
         self.prefetcher = None
@@ -207,8 +208,17 @@ class StructuredStepper:
             return 0
         return self.rows
 
+    @property
+    def rows_in_flight(self) -> int:
+        """Rows submitted for steps after the last one run (async lookahead): a checkpoint gives
+        them back to the data order so a resumed run does not skip them."""
+        if not self.async_mode or self._next_submit is None or self._last_step is None:
+            return 0
+        return max(0, self._next_submit - self._last_step - 1) * self.rows
+
     def run_step(self, rows: Sequence[dict[str, Any]], step: int) -> StepResult:
         t_start = time.perf_counter()
+        self._last_step = step
         if self._first_step is None:
             self._first_step = step
             if step > 1:  # resumed from a checkpoint: serve the restored weights first

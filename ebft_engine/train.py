@@ -123,8 +123,13 @@ class DataOrder:
     def epoch_float(self) -> float:
         return self.epoch + self.position / self.n_rows
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_rows": self.n_rows}
+    def state_dict(self, rewind: int = 0) -> dict[str, int]:
+        """Where the order stands, or `rewind` rows earlier: rows a stepper has taken but not
+        trained on yet (async prefetch) must be taken again by a resumed run."""
+        epoch, position = self.epoch, self.position - max(0, int(rewind))
+        while position < 0 and epoch > 0:
+            epoch, position = epoch - 1, position + self.n_rows
+        return {"epoch": epoch, "position": max(0, position), "seed": self.seed, "n_rows": self.n_rows}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state["n_rows"] != self.n_rows or state["seed"] != self.seed:
@@ -388,14 +393,16 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
 
             # ---- checkpoint
             if step % save_steps == 0 or step == max_steps:
-                _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml)
+                _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml,
+                            getattr(stepper, "rows_in_flight", 0))
                 saved_step = step
                 if step < max_steps:
                     log.status("training", step, "")
 
         if step < max_steps:  # stopped by a signal: keep the progress, then exit 128+signal
             if step > saved_step:
-                _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml)
+                _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml,
+                            getattr(stepper, "rows_in_flight", 0))
             log.status("stopped", step, f"stopped by {_signal_name()} at step {step}; re-run to resume")
             print(f"stopped at step {step}; re-run the same command to resume", flush=True)
             return watchdog.STOP.exit_code()
@@ -447,9 +454,10 @@ def _signal_name() -> str:
 
 
 def _checkpoint(run_dir: Path, step: int, log: MetricsLog, cfg: Any, model: Any, optimizer: Any,
-                scheduler: Any, order: DataOrder, cfg_yaml: str) -> None:
+                scheduler: Any, order: DataOrder, cfg_yaml: str, rows_in_flight: int = 0) -> None:
     log.status("checkpoint", step, f"saving checkpoint at step {step}")
     path = save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           rng_state=capture_rng(), data_state=order.state_dict(), config_yaml=cfg_yaml,
+                           rng_state=capture_rng(), data_state=order.state_dict(rewind=rows_in_flight),
+                           config_yaml=cfg_yaml,
                            save_total_limit=opt(cfg, "save_total_limit", None))
     log.checkpoint(step, str(path.relative_to(run_dir)))

@@ -73,6 +73,59 @@ def test_stop_at_step_4_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["resumed_from"] for r in runs] == [None, "checkpoints/step-000004"]
 
 
+class Lookahead:
+    """Takes each step's rows one step early, as structured async mode does (the first step takes
+    two steps' rows, the last none), and says how many it holds untrained (`rows_in_flight`)."""
+
+    def __init__(self, inner, cfg):
+        self.inner, self.r, self.max_steps = inner, inner.rows_per_step, int(cfg.max_steps)
+        self.queue: list[list] = []
+        self.next_step = None  # the first step whose rows have not been taken
+
+    @property
+    def rows_per_step(self) -> int:
+        if self.next_step is None:
+            return 2 * self.r
+        return 0 if self.next_step > self.max_steps else self.r
+
+    @property
+    def rows_in_flight(self) -> int:
+        return sum(len(batch) for batch in self.queue)
+
+    def run_step(self, rows, step):
+        self.next_step = step if self.next_step is None else self.next_step
+        rows = list(rows)
+        for i in range(0, len(rows), self.r):
+            self.queue.append(rows[i:i + self.r])
+            self.next_step += 1
+        return self.inner.run_step(self.queue.pop(0), step)
+
+    def after_optimizer_step(self, step):
+        self.inner.after_optimizer_step(step)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_stepper_that_takes_rows_ahead_resumes_without_skipping_them(tmp_path):
+    """The checkpoint gives the rows taken for the next step back to the data order."""
+    built = {}
+    assert run_tiny(tiny_cfg(tmp_path / "straight"), built=built, wrap=Lookahead) == 0
+    expected = trainable(built["model"])
+    run = tmp_path / "run"
+
+    def stop_after_4(step):
+        if step == 4:
+            watchdog.STOP.request(signal.SIGTERM)
+
+    assert run_tiny(tiny_cfg(run, save_steps=100), hooks={"after": stop_after_4},
+                    wrap=Lookahead) == 128 + signal.SIGTERM
+    built = {}
+    assert run_tiny(tiny_cfg(run, save_steps=100), built=built, wrap=Lookahead) == 0
+    assert [r["step"] for r in metric_records(run)] == list(range(1, 9))
+    assert_same_params(trainable(built["model"]), expected)
+
+
 def test_hard_kill_after_the_checkpoint_reruns_steps_without_duplicating_their_records(tmp_path):
     expected_params, expected_metrics = uninterrupted(tmp_path, save_steps=2)
     run = tmp_path / "run"

@@ -119,8 +119,9 @@ def lora_tiny(cfg, seed: int = 0):
     return model, None, torch.device("cpu"), torch.float32
 
 
-def run_tiny(cfg, *, rows=None, hooks=None, built=None, **kwargs) -> int:
-    """`train(cfg)` on the tiny model with the CE stepper; `built` collects (model, stepper)."""
+def run_tiny(cfg, *, rows=None, hooks=None, built=None, wrap=None, **kwargs) -> int:
+    """`train(cfg)` on the tiny model with the CE stepper (wrapped by `wrap(stepper, cfg)` when
+    given); `built` collects (model, stepper)."""
     built = built if built is not None else {}
 
     def build_model(c):
@@ -128,7 +129,8 @@ def run_tiny(cfg, *, rows=None, hooks=None, built=None, **kwargs) -> int:
         return built["model"], None, torch.device("cpu"), torch.float32
 
     def build_stepper(c, model, tokenizer, device, dtype):
-        built["stepper"] = CEStepper(c, model, tokenizer, device, dtype, hooks=hooks)
+        stepper = CEStepper(c, model, tokenizer, device, dtype, hooks=hooks)
+        built["stepper"] = wrap(stepper, c) if wrap is not None else stepper
         return built["stepper"]
 
     return train(cfg, build_model=build_model, build_stepper=build_stepper,
@@ -338,6 +340,17 @@ def test_data_order_is_a_reshuffle_per_epoch_and_resumable():
     c.load_state_dict(state)
     assert c.take(9) == expected
     assert DataOrder(10, seed=2).take(10) != DataOrder(10, seed=1).take(10)
+
+
+def test_data_order_rewinds_rows_taken_ahead_even_across_an_epoch():
+    for taken, rewind in ((7, 3), (12, 4), (20, 10), (3, 5)):
+        a = DataOrder(10, seed=4)
+        a.take(taken)
+        b = DataOrder(10, seed=4)
+        b.take(max(0, taken - rewind))
+        c = DataOrder(10, seed=4)
+        c.load_state_dict(a.state_dict(rewind=rewind))
+        assert c.take(15) == b.take(15), (taken, rewind)  # the same rows again, then on
 
 
 def test_config_differences_ignore_what_a_resume_may_change():

@@ -199,6 +199,8 @@ def test_async_staleness_bound_and_gen_wait(tiny_model_dir, tmp_path, producer, 
             results.append(loop.step(s))
             # the rows of step s+1 were taken at step s; the last step takes none
             assert stepper.rows_per_step == (2 if s + 2 <= steps else 0)
+            # ...and are still untrained: a checkpoint now hands them back to the data order
+            assert stepper.rows_in_flight == (2 if s < steps else 0)
         assert loop.pos == steps * 2  # one batch per step, no rows lost
         stepper.close()
         stale = [r.metrics["staleness"] for r in results]
