@@ -1,7 +1,8 @@
 """Block-parallel training forward: flex_attention (BlockMask) vs SDPA with a dense boolean mask.
 
-One strided micro-batch (B documents × n samples, each document followed by its NB·G generated
-tokens, step-major) runs through the model with the engine's block mask
+One strided micro-batch runs through the model: by default as the stepper lays it out, the n
+samples of each document as n·NB blocks of one row (B rows of T = S + n·NB·G slots, step-major;
+`--layout copies`: B·n rows, each a copy of the document and its NB·G tokens) with the engine's block mask
 (`ebft_engine.strided.mask`), once per mask form, interleaved in one run. Each timing includes
 building the mask, as the training step does; the mask builds alone are timed beside them.
 
@@ -12,7 +13,7 @@ building the mask, as the training step does; the mask builds alone are timed be
   compiles (inductor, C++); that warm-up is not timed.
 
 Memory is the peak tensor memory allocated during the call (weights excluded); the dense column
-beside it is the size of the [B·n, 1, T, T] boolean mask alone. `max |diff|` compares the two
+beside it is the size of the [rows, 1, T, T] boolean mask alone. `max |diff|` compares the two
 outputs (forward hidden states).
 
     python bench/flex_vs_dense.py --quick           # tiny model, CPU forward only: < 1 min
@@ -54,6 +55,8 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
     ap.add_argument("--generate-max-len", type=int, default=8)
     ap.add_argument("--stride", type=int, default=8)
     ap.add_argument("--context-length", type=int, default=8)
+    ap.add_argument("--layout", choices=["folded", "copies"], default="folded",
+                    help="samples as n·NB blocks of one row (what training runs) or n copies")
     ap.add_argument("--backward", choices=["auto", "on", "off"], default="auto",
                     help="time forward+backward (auto: on CUDA only; CPU flex cannot)")
     args = ap.parse_args(argv)
@@ -98,26 +101,31 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
         gen = torch.Generator().manual_seed(S)
         layout = make_layout(torch.full((B,), S, device=device), None, S, stride=args.stride,
                              context_length=args.context_length, generate_max_len=args.generate_max_len)
-        rep = layout.repeat(n)
-        docs = torch.randint(0, vocab, (B, S), generator=gen).repeat_interleave(n, dim=0)
-        sampled = torch.randint(0, vocab, (B * n, layout.NB, layout.G), generator=gen)
+        if args.layout == "folded":  # what StridedStepper trains on
+            layout, copies = layout.fold(n), 1
+        else:
+            copies = n
+        run_layout = layout.repeat(copies)
+        docs = torch.randint(0, vocab, (B, S), generator=gen).repeat_interleave(copies, dim=0)
+        sampled = torch.randint(0, vocab, (B * copies, layout.NB, layout.G), generator=gen)
         seq = torch.cat([docs, gen_region(sampled, layout)], dim=1).to(device)
-        pos = rep.position_ids
-        mask_mb = B * n * layout.T * layout.T / 2**20  # one byte per bool
+        pos = run_layout.position_ids
+        n_rows = B * copies
+        mask_mb = n_rows * layout.T * layout.T / 2**20  # one byte per bool
         m = measure_side_by_side({
-            "dense": contender(lambda: dense_block_mask(layout, repeat=n), "sdpa", layout, seq, pos),
-            "flex": contender(lambda: flex_block_mask(layout, repeat=n), "flex_attention", layout, seq, pos),
-            "dense mask": lambda: dense_block_mask(layout, repeat=n),
-            "flex mask": lambda: flex_block_mask(layout, repeat=n),
+            "dense": contender(lambda: dense_block_mask(layout, repeat=copies), "sdpa", layout, seq, pos),
+            "flex": contender(lambda: flex_block_mask(layout, repeat=copies), "flex_attention", layout, seq, pos),
+            "dense mask": lambda: dense_block_mask(layout, repeat=copies),
+            "flex mask": lambda: flex_block_mask(layout, repeat=copies),
         }, device, repeats, warmup=1)
         d, f = m["dense"], m["flex"]
         dm, fm = m["dense mask"].best_s, m["flex mask"].best_s
         diff = (d.result - f.result).abs().max().item() if not (d.error or f.error) else float("nan")
-        results.append(dict(S=S, T=layout.T, rows=B * n, dense_s=d.best_s, flex_s=f.best_s,
+        results.append(dict(S=S, T=layout.T, rows=n_rows, dense_s=d.best_s, flex_s=f.best_s,
                             dense_mask_s=dm, flex_mask_s=fm,
                             dense_mb=d.peak_mb, flex_mb=f.peak_mb, dense_mask_mb=mask_mb, max_diff=diff,
                             errors=[x.error for x in (d, f) if x.error]))
-        rows.append([S, layout.T, B * n, ms(d.best_s), ms(f.best_s), ratio(d.best_s, f.best_s), ms(dm), ms(fm),
+        rows.append([S, layout.T, n_rows, ms(d.best_s), ms(f.best_s), ratio(d.best_s, f.best_s), ms(dm), ms(fm),
                      f"{d.peak_mb:.0f}", f"{mask_mb:.1f}", f"{f.peak_mb:.0f}", ratio(d.peak_mb, f.peak_mb),
                      f"{diff:.1e}"])
         for x in (d, f):
@@ -128,7 +136,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
     what = "forward+backward" if backward else "forward only (no grad)"
     text = "\n".join([
         f"block-parallel training {what}: model={shape} (random weights), device={device.type}, "
-        f"dtype={str(dtype).removeprefix('torch.')}, documents={B}, n_samples={n}, "
+        f"dtype={str(dtype).removeprefix('torch.')}, documents={B}, n_samples={n} ({args.layout}), "
         f"G={args.generate_max_len}, stride={args.stride}, best of {repeats}",
         f"machine: {machine()}",
         format_table(["seq_len", "T", "rows", "dense ms", "flex ms", "flex speed-up", "(dense mask ms)",

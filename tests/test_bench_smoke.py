@@ -71,6 +71,7 @@ def test_flex_vs_dense_quick(capsys):
     assert "forward only (no grad)" in out
     rows = table_rows(out, "seq_len")
     assert rc == 0 and rows[0][0] == "40"
+    assert rows[0][2] == "1"  # folded (the default): one row holds the document and both samples
     assert float(rows[0][-1]) < 1e-4  # flex and dense outputs agree
 
 
