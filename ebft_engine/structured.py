@@ -242,7 +242,7 @@ class StructuredStepper:
         # score groups as they come (all at once unless streaming)
         t_gen = time.perf_counter()
         groups: list[Group] = []
-        rewards_parts, pooled_stats = [], []
+        rewards_parts = []
         if self.streaming:
             for g in groups_iter:
                 groups.append(g)
