@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -202,14 +203,18 @@ def test_folded_step_equals_the_n_copies_reference(monkeypatch, fold):
         torch.testing.assert_close(g, model.get_parameter(k).grad, atol=1e-5, rtol=1e-4)
 
 
-def test_folded_and_copies_steps_train_alike_from_the_same_seed():
+@pytest.mark.parametrize("n", [1, 3])
+def test_folded_and_copies_steps_train_alike_from_the_same_seed(n):
     """Sampling does not depend on the layout the forwards use: the same seed gives the same
     samples, metrics and gradients either way."""
     grads, metrics = [], []
     for fold in (True, False):
         model = lora_model()
-        stepper = StridedStepper(strided_cfg(), model, None, "cpu", torch.float32, fold_samples=fold)
-        result = stepper.run_step(rows_of([(40, None), (30, 10), (25, 0), (12, 3)]), step=3)
+        stepper = StridedStepper(strided_cfg(n_samples_per_prompt=n), model, None, "cpu", torch.float32,
+                                 fold_samples=fold)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # n = 1 switches to reinforce with a warning
+            result = stepper.run_step(rows_of([(40, None), (30, 10), (25, 0), (12, 3)]), step=3)
         metrics.append(result.metrics)
         grads.append({k: p.grad for k, p in model.named_parameters() if p.grad is not None})
     for key in SPEC_METRICS:
