@@ -9,13 +9,12 @@ from conftest import start_hf_server
 from ebft_engine.rollout.client import GenerationClient
 from ebft_engine.rollout.vllm_launcher import stop_server
 from ebft_engine.rollout.weight_sync import LoRASync
-from tinymodel import hf_logprobs
+from tinymodel import hf_logprobs, with_random_lora
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_smollm2_served_logprobs_and_lora_sync(smollm2_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -31,13 +30,7 @@ def test_smollm2_served_logprobs_and_lora_sync(smollm2_dir, tmp_path):
         for c in comps:
             ref = hf_logprobs(model, ids, c.token_ids, 0.7)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                                      target_modules=["q_proj", "v_proj"]))
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        peft_model = with_random_lora(model, scale=0.02)
         name = LoRASync(client, tmp_path / "lora-sync").publish(peft_model, 1)
         served = client.completions([ids], n=2, max_tokens=12, temperature=1.0, seed=2, model=name)
         for c in served:

@@ -15,6 +15,7 @@ import os
 import pytest
 
 from ebft_engine.rollout.client import GenerationClient, ServerError
+from tinymodel import hf_logprobs, with_random_lora
 
 URL = os.environ.get("EBFT_VLLM_URL")
 MODEL_DIR = os.environ.get("EBFT_VLLM_MODEL_DIR")
@@ -37,15 +38,6 @@ def _model_and_prompts():
     return model, prompts
 
 
-def _hf_logprobs(model, prompt, completion, temperature):
-    import torch
-
-    ids = torch.tensor([list(prompt) + list(completion)])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(ids).logits[0].float() / temperature, dim=-1)
-    return [lp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(completion)]
-
-
 def test_real_vllm_contract(tmp_path):
     client = GenerationClient(URL)
     client.wait_for_health(timeout=120)
@@ -57,7 +49,7 @@ def test_real_vllm_contract(tmp_path):
     assert all(c.prompt_ids == prompts[c.prompt_idx] for c in comps)
     if model is not None:  # processed log-probs = log_softmax(logits / T)
         for c in comps:
-            ref = _hf_logprobs(model, prompts[c.prompt_idx], c.token_ids, 0.7)
+            ref = hf_logprobs(model, prompts[c.prompt_idx], c.token_ids, 0.7)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < TOL
     with pytest.raises(ServerError, match="max"):
         client.completions(prompts[:1], n=1, max_tokens=10_000_000, model=base)
@@ -65,23 +57,14 @@ def test_real_vllm_contract(tmp_path):
         client.completions(prompts[:1], n=1, max_tokens=4, model="ebft-no-such-adapter")
 
     if model is not None and os.environ.get("EBFT_VLLM_LORA") == "1":
-        import torch
-        from peft import LoraConfig, get_peft_model
-
         from ebft_engine.rollout.weight_sync import LoRASync
 
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
-                                                      target_modules=["q_proj", "v_proj"]))
-        g = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        peft_model = with_random_lora(model, scale=0.05)
         sync = LoRASync(client, tmp_path / "lora-sync")
         name = sync.publish(peft_model, 1)
         served = client.completions(prompts[:1], n=2, max_tokens=12, temperature=1.0, seed=2,
                                     model=name)
         for c in served:
-            ref = _hf_logprobs(peft_model, prompts[0], c.token_ids, 1.0)
+            ref = hf_logprobs(peft_model, prompts[0], c.token_ids, 1.0)
             assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < TOL
         sync.close(unload=True)

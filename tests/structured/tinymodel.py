@@ -73,6 +73,21 @@ def hf_logprobs(model, prompt, completion, temperature):
     return [lp[P - 1 + t, tok].item() for t, tok in enumerate(completion)]
 
 
+def with_random_lora(model, scale: float, seed: int = 0):
+    """`model` wrapped in a rank-8 LoRA on q/v whose B matrices are random (not peft's zeros), so
+    the adapter changes the outputs: what a LoRA sync must then reproduce on the server."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return peft_model
+
+
 def structured_config(model_dir, port: int, run_dir, **over):
     """A structured-mode config for the tiny model against a server on 127.0.0.1:port."""
     from ebft_engine.config import load_config
