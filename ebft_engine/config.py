@@ -242,8 +242,11 @@ class EbftConfig(_Section):
     test_datasets: list[DatasetConfig] | None = _f(None, "Held-out datasets for evaluation", section="data")
     val_set_size: float = _f(0.0, "Held-out part of the training data: a fraction < 1 or a row count",
                              section="data", ge=0)
-    chat_template: str | None = _f(None, "Chat template name or Jinja text (unset: the tokenizer's)",
+    chat_template: str | None = _f(None, "Chat template: chatml, jinja (the text of chat_template_jinja), "
+                                   "Jinja text itself, or unset / tokenizer_default (the tokenizer's)",
                                    section="data")
+    chat_template_jinja: str | None = _f(None, "Jinja chat template text, used with `chat_template: jinja`",
+                                         section="data")
     special_tokens: dict[str, str] = _f(None, "Special tokens to set, e.g. {pad_token: '<|endoftext|>'}",
                                         section="data", factory=dict)
 
@@ -270,6 +273,12 @@ class EbftConfig(_Section):
     warmup_ratio: float | None = _f(None, "Warmup as a fraction of all steps (or set warmup_steps)",
                                     section="training", ge=0, lt=1)
     weight_decay: float = _f(0.0, "Weight decay", section="training", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1: decay of the running mean of gradients", section="training",
+                           ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2: decay of the running mean of squared gradients",
+                           section="training", ge=0, lt=1)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon: added to the denominator for numerical stability",
+                             section="training", gt=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off)", section="training", ge=0)
     seed: int = _f(42, "Random seed", section="training")
 

@@ -50,6 +50,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ebft_engine.config import EbftConfig
 from ebft_engine.stepper import StepResult
 
 SENTINEL = "\ue000ebft-turn\ue001"
@@ -84,19 +85,10 @@ class Group:
     requests: list[list[int]] = field(default_factory=list)
 
 
-def _cfg(cfg: Any, dotted: str, default: Any = None) -> Any:
-    cur = cfg
-    for part in dotted.split("."):
-        if cur is None:
-            return default
-        cur = cur.get(part) if isinstance(cur, dict) else getattr(cur, part, None)
-    return default if cur is None else cur
-
-
 class StructuredStepper:
     """The Stepper of structured mode (see the module docstring for the step)."""
 
-    def __init__(self, cfg: Any, model: Any, tokenizer: Any, device: Any, dtype: Any, *,
+    def __init__(self, cfg: EbftConfig, model: Any, tokenizer: Any, device: Any, dtype: Any, *,
                  client: Any = None):
         from ebft_engine.data import chat_template_kwargs
         from ebft_engine.features import (feature_layer_indices, is_peft_model, make_frozen_copy,
@@ -107,37 +99,38 @@ class StructuredStepper:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.dtype = dtype
-        self.n = int(_cfg(cfg, "trl.num_generations"))
-        self.mbs = int(_cfg(cfg, "micro_batch_size", 1))
-        self.ga = int(_cfg(cfg, "gradient_accumulation_steps", 1))
+        t, e = cfg.trl, cfg.ebft
+        self.n = int(t.num_generations)
+        self.mbs = cfg.micro_batch_size
+        self.ga = cfg.gradient_accumulation_steps
         self.rows = max(1, self.mbs * self.ga // self.n)
-        self.max_steps = int(_cfg(cfg, "max_steps", 0) or 0)
-        self.temperature = float(_cfg(cfg, "trl.temperature", 0.7))
-        self.top_p = float(_cfg(cfg, "trl.top_p", 1.0))
-        self.top_k = int(_cfg(cfg, "trl.top_k", 0) or 0)
-        self.min_p = float(_cfg(cfg, "trl.min_p", 0.0) or 0.0)
-        self.max_completion = int(_cfg(cfg, "trl.max_completion_length", 256))
-        self.adaptive = bool(_cfg(cfg, "ebft.adaptive_max_tokens", True))
-        self.gt_mult = max(0.1, float(_cfg(cfg, "ebft.gt_length_multiplier", 1.5)))
-        self.sync_interval = max(1, int(_cfg(cfg, "trl.vllm_sync_interval", 1)))
-        self.async_mode = bool(_cfg(cfg, "trl.async_prefetch", False))
-        self.streaming = self.async_mode and bool(_cfg(cfg, "trl.streaming_partial_batch", False))
-        self.skip_zero = bool(_cfg(cfg, "trl.skip_zero_advantage_batches", False))
-        self.scale_rewards = _cfg(cfg, "trl.scale_rewards", True)
-        self.loss_type = str(_cfg(cfg, "trl.loss_type", "grpo"))
-        self.eps_low = float(_cfg(cfg, "trl.epsilon", 0.2))
-        self.eps_high = float(_cfg(cfg, "trl.epsilon_high", None) or self.eps_low)
-        self.is_cap = max(1.0, float(_cfg(cfg, "trl.importance_sampling_cap", 3.0)))
-        self.embed_method = str(_cfg(cfg, "ebft.embed_method", "last_token"))
+        self.max_steps = cfg.max_steps or 0
+        self.temperature = t.temperature
+        self.top_p = t.top_p
+        self.top_k = t.top_k or 0
+        self.min_p = t.min_p or 0.0
+        self.max_completion = int(t.max_completion_length)
+        self.adaptive = e.adaptive_max_tokens
+        self.gt_mult = e.gt_length_multiplier
+        self.sync_interval = t.vllm_sync_interval
+        self.async_mode = t.async_prefetch
+        self.streaming = self.async_mode and t.streaming_partial_batch
+        self.skip_zero = t.skip_zero_advantage_batches
+        self.scale_rewards = t.scale_rewards
+        self.loss_type = t.loss_type
+        self.eps_low = t.epsilon
+        self.eps_high = t.epsilon_high if t.epsilon_high is not None else t.epsilon
+        self.is_cap = t.importance_sampling_cap
+        self.embed_method = e.embed_method
         self.chat_kwargs = chat_template_kwargs(cfg)
-        self.seed = int(_cfg(cfg, "seed", 42))
+        self.seed = cfg.seed
         self.stop_ids = self._stop_ids()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
         # the frozen feature network: the base weights (adapter off), or a frozen copy
         self.peft = is_peft_model(model)
         self.feature_model = model if self.peft else make_frozen_copy(model)
-        self.layers = feature_layer_indices(list(_cfg(cfg, "ebft.feature_layers", [0.25, 0.5, 0.75])),
+        self.layers = feature_layer_indices(list(e.feature_layers),
                                             num_decoder_layers(model))
 
         # the server: started separately (`ebft serve`); wait for it, clearly
@@ -151,7 +144,7 @@ class StructuredStepper:
                     "trl.vllm_server_port to the port `ebft serve` printed, or EBFT_SERVER_URL.")
             url = launcher.base_url(launcher.client_host(cfg), port)
         self.log_path = os.environ.get("EBFT_SERVER_LOG")
-        timeout_s = float(_cfg(cfg, "trl.vllm_server_timeout", 600))
+        timeout_s = float(t.vllm_server_timeout)
         self.client = client or GenerationClient(url, Timeouts(read_cap=max(900.0, timeout_s)),
                                                  log_path=self.log_path)
         waited = self.client.wait_for_health(timeout=timeout_s)
@@ -168,11 +161,11 @@ class StructuredStepper:
         from ebft_engine.rollout.protocol import POLICY_PREFIX
         from ebft_engine.rollout.weight_sync import FullSync, LoRASync, lora_sync_problems
 
-        run_dir = Path(str(_cfg(cfg, "output_dir", ".") or ".")).expanduser()
+        run_dir = Path(cfg.output_dir).expanduser()
         for m in self.client.models():  # adapters left by an earlier run of this server
             if str(m.get("id", "")).startswith(POLICY_PREFIX):
                 self.client.unload_lora(m["id"])
-        if self.peft and bool(_cfg(cfg, "trl.vllm_lora_sync", False)):
+        if self.peft and t.vllm_lora_sync:
             problems = lora_sync_problems(model)
             if problems:
                 raise StructuredError("trl.vllm_lora_sync: this adapter cannot be served by "
@@ -321,8 +314,8 @@ class StructuredStepper:
         from ebft_engine.rollout.capabilities import check_server_config
 
         lora_rank = None
-        if self.peft and bool(_cfg(self.cfg, "trl.vllm_lora_sync", False)):
-            lora_rank = int(_cfg(self.cfg, "lora_r", 16))
+        if self.peft and self.cfg.trl.vllm_lora_sync:
+            lora_rank = self.cfg.lora_r
         plain = (self.temperature == 1.0 and self.top_p >= 1.0 and self.top_k <= 0
                  and self.min_p <= 0.0)
         dtype = self.dtype if self.dtype is not None else next(model.parameters()).dtype
@@ -335,7 +328,7 @@ class StructuredStepper:
             raise StructuredError(" ".join(check.errors))
 
     def _stop_ids(self) -> list[int]:
-        explicit = _cfg(self.cfg, "trl.generation_kwargs.stop_token_ids", None)
+        explicit = self.cfg.trl.generation_kwargs.stop_token_ids
         ids = list(explicit) if explicit else []
         eos = self.tokenizer.eos_token_id
         if not ids and eos is not None:
@@ -527,9 +520,9 @@ class StructuredStepper:
         gt = self._pooled([g.gt_feat for g in groups])
         G = len(groups)
         return compute_rewards(gen.view(G, self.n, -1), gt,
-                               alignment_coef=float(_cfg(self.cfg, "ebft.alignment_coef", 1.0)),
-                               diversity_coef=float(_cfg(self.cfg, "ebft.diversity_coef", 1.0)),
-                               use_whitening=bool(_cfg(self.cfg, "ebft.use_whitening", False)))
+                               alignment_coef=self.cfg.ebft.alignment_coef,
+                               diversity_coef=self.cfg.ebft.diversity_coef,
+                               use_whitening=self.cfg.ebft.use_whitening)
 
     def _pooled(self, seqs: list[FeatSeq]) -> torch.Tensor:
         from ebft_engine.features import frozen_feature_model, pool, token_features

@@ -38,6 +38,7 @@ import yaml
 from ebft_engine import watchdog
 from ebft_engine.checkpoint import (CHECKPOINTS, atomic_dir, capture_rng, checkpoint_config,
                                     latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint)
+from ebft_engine.config import EbftConfig
 from ebft_engine.metrics import HealthMonitor, MetricsLog, console_line, last_logged_step, read_records
 from ebft_engine.stepper import Stepper
 
@@ -52,12 +53,6 @@ class RunDirError(Exception):
     """The run dir holds something this run must not continue or overwrite (exit 2)."""
 
 
-def opt(cfg: Any, key: str, default: Any) -> Any:
-    """`cfg.key`, or `default` when the key is unset (None)."""
-    value = getattr(cfg, key, None)
-    return default if value is None else value
-
-
 # ---------------------------------------------------------------------------------------------
 # The pieces the loop composes
 
@@ -68,7 +63,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_stepper(cfg: Any, model: Any, tokenizer: Any, device: Any, dtype: Any) -> Stepper:
+def build_stepper(cfg: EbftConfig, model: Any, tokenizer: Any, device: Any, dtype: Any) -> Stepper:
     if cfg.mode == "strided":
         from ebft_engine.strided.step import StridedStepper
 
@@ -80,13 +75,13 @@ def build_stepper(cfg: Any, model: Any, tokenizer: Any, device: Any, dtype: Any)
     raise ValueError(f"ebft.mode {cfg.mode!r}: use strided or structured")
 
 
-def build_model(cfg: Any):
+def build_model(cfg: EbftConfig):
     from ebft_engine.modeling import build_model_and_tokenizer
 
     return build_model_and_tokenizer(cfg)
 
 
-def load_data(cfg: Any, tokenizer: Any):
+def load_data(cfg: EbftConfig, tokenizer: Any):
     from ebft_engine.data import load_training_data
 
     return load_training_data(cfg, tokenizer, split="train")
@@ -139,29 +134,34 @@ class DataOrder:
         self._perm = self._permutation(self.epoch)
 
 
-def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: EbftConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or plain SGD with `optimizer: sgd`) over the trainable parameters; matrices decay,
     vectors (norms, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    weight_decay = float(opt(cfg, "weight_decay", 0.0))
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    betas = (float(opt(cfg, "adam_beta1", 0.9)), float(opt(cfg, "adam_beta2", 0.999)))
-    if opt(cfg, "optimizer", "adamw_torch") == "sgd":
-        return torch.optim.SGD(groups, lr=float(cfg.learning_rate))
-    fused = "fused" in str(opt(cfg, "optimizer", "")) and params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=float(cfg.learning_rate), betas=betas,
-                             eps=float(opt(cfg, "adam_epsilon", 1e-8)), **({"fused": True} if fused else {}))
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate)
+    fused = "fused" in cfg.optimizer and params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, **({"fused": True} if fused else {}))
 
 
-def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, max_steps: int):
+def warmup_steps(cfg: EbftConfig, max_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of max_steps (both unset: no warmup)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return math.ceil((cfg.warmup_ratio or 0.0) * max_steps)
+
+
+def build_scheduler(cfg: EbftConfig, optimizer: torch.optim.Optimizer, max_steps: int):
     """Linear warmup (`warmup_steps`, else `warmup_ratio` of max_steps), then `lr_scheduler`:
     cosine or linear decay to 0, or constant."""
-    warmup = int(opt(cfg, "warmup_steps", 0)) or math.ceil(float(opt(cfg, "warmup_ratio", 0.0)) * max_steps)
-    kind = str(opt(cfg, "lr_scheduler", "cosine"))
+    warmup = warmup_steps(cfg, max_steps)
+    kind = cfg.lr_scheduler
 
     def factor(done: int) -> float:  # done = optimizer steps already taken
         if done < warmup:
@@ -238,10 +238,10 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
     return atomic_dir(run_dir / name, fill)
 
 
-def start_wandb(cfg: Any, run_dir: Path, cfg_yaml: str) -> Any:
+def start_wandb(cfg: EbftConfig, run_dir: Path, cfg_yaml: str) -> Any:
     """A wandb run when `wandb_project` is set and wandb is installed (decisions.md §2), else None.
     metrics.jsonl stays the record the TUI reads; wandb gets the same metrics records."""
-    project, mode = opt(cfg, "wandb_project", None), opt(cfg, "wandb_mode", None)
+    project, mode = cfg.wandb_project, cfg.wandb_mode
     if not project or mode == "disabled":
         return None
     try:
@@ -250,8 +250,8 @@ def start_wandb(cfg: Any, run_dir: Path, cfg_yaml: str) -> Any:
         print("wandb_project is set but wandb is not installed (pip install wandb): metrics go to "
               "metrics.jsonl only", file=sys.stderr, flush=True)
         return None
-    return wandb.init(project=project, entity=opt(cfg, "wandb_entity", None), name=opt(cfg, "wandb_name", None),
-                      id=opt(cfg, "wandb_run_id", None), resume="allow", mode=mode, dir=str(run_dir),
+    return wandb.init(project=project, entity=cfg.wandb_entity, name=cfg.wandb_name,
+                      id=cfg.wandb_run_id, resume="allow", mode=mode, dir=str(run_dir),
                       config=yaml.safe_load(cfg_yaml))
 
 
@@ -271,14 +271,14 @@ def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
 # The loop
 
 
-def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
+def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
           build_model: Callable = build_model, build_stepper: Callable = build_stepper,
           load_data: Callable = load_data) -> int:
     """Run training for `cfg`; returns the exit code. The three builders are the real ones unless a
     test passes its own (a tiny model, a small Stepper)."""
-    seed = int(opt(cfg, "seed", 42))
-    logging_steps = max(1, int(opt(cfg, "logging_steps", 1)))
-    max_grad_norm = float(opt(cfg, "max_grad_norm", 1.0)) or float("inf")
+    seed = cfg.seed
+    logging_steps = cfg.logging_steps
+    max_grad_norm = cfg.max_grad_norm or float("inf")
     seed_everything(seed)
 
     run_dir = Path(cfg.output_dir).expanduser()
@@ -303,9 +303,9 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
         stepper = build_stepper(cfg, model, tokenizer, device, dtype)
         data = load_data(cfg, tokenizer)
         order = DataOrder(len(data), seed)
-        max_steps = int(cfg.max_steps or math.ceil(float(opt(cfg, "num_epochs", 1.0)) * len(data)
+        max_steps = int(cfg.max_steps or math.ceil(cfg.num_epochs * len(data)
                                                    / stepper.rows_per_step))
-        save_steps = int(opt(cfg, "save_steps", 0)) or max_steps
+        save_steps = cfg.save_steps or max_steps
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer, max_steps)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -313,7 +313,7 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
         # ---- resume
         records = read_records(log.path)
         history: dict[str, list[float]] = defaultdict(list)  # logged values, for the console arrows
-        monitor = HealthMonitor(use_whitening=bool(getattr(getattr(cfg, "ebft", None), "use_whitening", False)))
+        monitor = HealthMonitor(use_whitening=cfg.ebft.use_whitening)
         for record in records:  # what this run dir already logged: arrows and episodes continue
             if record.get("event") == "metrics":
                 monitor.update(record["step"], record)
@@ -453,11 +453,11 @@ def _signal_name() -> str:
     return signal.Signals(watchdog.STOP.signum or signal.SIGTERM).name
 
 
-def _checkpoint(run_dir: Path, step: int, log: MetricsLog, cfg: Any, model: Any, optimizer: Any,
+def _checkpoint(run_dir: Path, step: int, log: MetricsLog, cfg: EbftConfig, model: Any, optimizer: Any,
                 scheduler: Any, order: DataOrder, cfg_yaml: str, rows_in_flight: int = 0) -> None:
     log.status("checkpoint", step, f"saving checkpoint at step {step}")
     path = save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                            rng_state=capture_rng(), data_state=order.state_dict(rewind=rows_in_flight),
                            config_yaml=cfg_yaml,
-                           save_total_limit=opt(cfg, "save_total_limit", None))
+                           save_total_limit=cfg.save_total_limit)
     log.checkpoint(step, str(path.relative_to(run_dir)))
