@@ -87,7 +87,8 @@ def _serve_hf(cfg: EbftConfig, host: str, port: int, threads: int | None = None)
     if threads:
         torch.set_num_threads(int(threads))
     from ebft_engine.rollout import vllm_launcher as launcher
-    from ebft_engine.rollout.hf_server import load_state, log, serve
+    from ebft_engine.rollout.hf_engine import load_state
+    from ebft_engine.rollout.hf_server import log, serve
 
     model_path, gguf_file = launcher.resolve_model_source(cfg)
     device = cfg.device
