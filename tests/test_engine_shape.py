@@ -1,5 +1,8 @@
 """The engine's shape, checked on its source (issue 17): config is read only as typed attributes
-of `EbftConfig`, never through string lookups with a second default.
+of `EbftConfig`, never through string lookups with a second default; no function is longer than
+MAX_FUNCTION_LINES unless its docstring says why ("Long because ...").
+
+    python tests/test_engine_shape.py [N]     the N longest functions of ebft_engine (default 20)
 
 Each checker is also run on a small snippet that breaks its rule, so a checker that finds
 nothing because it is broken fails here too.
@@ -21,6 +24,10 @@ CONFIG_TYPES = {"EbftConfig", "EbftSection", "TrlSection", "VllmSection", "Datas
 STRING_LOOKUP = re.compile(r"\b(_cfg|opt|_get)\((self\.)?cfg, *\"")
 """`opt(cfg, "warmup_steps", 0)`, `_cfg(cfg, "trl.temperature", 0.7)`: a key as a string and a
 second default beside the schema's."""
+
+MAX_FUNCTION_LINES = 80
+LONG_BECAUSE = re.compile(r"\bLong because\b")
+"""How a docstring says why its function may be longer than MAX_FUNCTION_LINES."""
 
 CONFIG_NAMES = {"cfg", "spec"}
 """Names the engine gives a config or one of its sections (`spec`: a `datasets:` entry)."""
@@ -97,3 +104,100 @@ def c(spec: DatasetConfig | None, cfg: EbftConfig):
     assert any("getattr(spec, 'path', '')" in p for p in found)
     assert not any(":5: parameter" in p or ":7: parameter" in p for p in found)  # typed: fine
     assert len(found) == 8, found
+
+
+def function_lengths(source: str, where: str) -> list[tuple[int, str, str]]:
+    """(lines, "file:line name", docstring) of every function and method, nested ones included
+    (a function's lines include its docstring and its nested functions)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.append((node.end_lineno - node.lineno + 1, f"{where}:{node.lineno} {node.name}",
+                        ast.get_docstring(node) or ""))
+    return out
+
+
+def too_long(source: str, where: str) -> list[str]:
+    return [f"{name}: {n} lines" for n, name, doc in function_lengths(source, where)
+            if n > MAX_FUNCTION_LINES and not LONG_BECAUSE.search(doc)]
+
+
+def test_no_engine_function_is_longer_than_the_limit_without_saying_why():
+    problems = [p for path, text in engine_sources().items() for p in too_long(text, path)]
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_length_check_counts_lines_and_reads_the_reason():
+    body = "\n".join(f"    x = {i}" for i in range(MAX_FUNCTION_LINES))
+    source = (f"def short():\n    return 1\n\n"
+              f"def long():\n{body}\n\n"
+              f'def explained():\n    """Long because one table reads best whole."""\n{body}\n')
+    lengths = {name.split()[-1]: n for n, name, _ in function_lengths(source, "x.py")}
+    assert lengths == {"short": 2, "long": MAX_FUNCTION_LINES + 1, "explained": MAX_FUNCTION_LINES + 2}
+    assert too_long(source, "x.py") == [f"x.py:4 long: {MAX_FUNCTION_LINES + 1} lines"]
+
+
+FORBIDDEN_IMPORTS = {
+    "ebft_engine/rollout/": ("ebft_engine.structured", "ebft_engine.strided", "ebft_engine.train"),
+    "ebft_engine/strided/": ("ebft_engine.structured", "ebft_engine.rollout", "ebft_engine.train"),
+    "ebft_engine/structured/": ("ebft_engine.strided", "ebft_engine.train"),
+    "ebft_engine/transforms/": ("ebft_engine.structured", "ebft_engine.strided", "ebft_engine.rollout",
+                                "ebft_engine.train", "torch"),
+}
+"""What each package's `__init__` docstring says it never imports (module-level or not)."""
+
+
+def imported_modules(source: str) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def import_problems(sources: dict[str, str]) -> list[str]:
+    problems = []
+    for path, text in sources.items():
+        modules = imported_modules(text)
+        for folder, forbidden in FORBIDDEN_IMPORTS.items():
+            if path.startswith(folder):
+                problems += [f"{path} imports {m}" for m in sorted(modules)
+                             if any(m == f or m.startswith(f + ".") for f in forbidden)]
+        if not path.startswith(("ebft_engine/cli.py", "ebft_engine/commands/")):
+            problems += [f"{path} imports {m} (only cli.py dispatches commands)" for m in sorted(modules)
+                         if m.startswith("ebft_engine.commands")]
+    return problems
+
+
+def test_packages_import_only_what_their_docstrings_allow():
+    problems = import_problems(engine_sources())
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_import_check_sees_local_and_from_imports():
+    sources = {"ebft_engine/rollout/x.py": "def f():\n    from ebft_engine.structured.loss import grpo_loss\n",
+               "ebft_engine/strided/y.py": "import ebft_engine.train\nfrom ebft_engine import rollout\n",
+               "ebft_engine/transforms/z.py": "import torch.nn\n",
+               "ebft_engine/eval.py": "from ebft_engine.commands import serve\n",
+               "ebft_engine/structured/ok.py": "from ebft_engine.rollout.client import ServerError\n"}
+    assert import_problems(sources) == [
+        "ebft_engine/rollout/x.py imports ebft_engine.structured.loss",
+        "ebft_engine/rollout/x.py imports ebft_engine.structured.loss.grpo_loss",
+        "ebft_engine/strided/y.py imports ebft_engine.rollout",
+        "ebft_engine/strided/y.py imports ebft_engine.train",
+        "ebft_engine/transforms/z.py imports torch.nn",
+        "ebft_engine/eval.py imports ebft_engine.commands (only cli.py dispatches commands)",
+        "ebft_engine/eval.py imports ebft_engine.commands.serve (only cli.py dispatches commands)",
+    ]
+
+
+if __name__ == "__main__":
+    import sys
+
+    top = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    rows = sorted((row for path, text in engine_sources().items() for row in function_lengths(text, path)),
+                  reverse=True)
+    for n, name, _ in rows[:top]:
+        print(f"{n:5d}  {name}")
