@@ -13,6 +13,11 @@ dict of columns and returns one, possibly with a different number of rows), and 
 
 Built-in module names win over importable modules of the same name; any other `module` is
 imported from the current directory or PYTHONPATH.
+
+What lives here: this loader and the spec's built-ins, one module each (`ebft_opencode`,
+`ebft_strided_structured`, `ebft_strided_chat`, `ebft_chat_multiturn`, `ebft_reasoning`,
+`ebft_pretrain`). May import: config and data (prompt rendering); never torch at module level,
+nor the modes or train.py.
 """
 
 from __future__ import annotations
