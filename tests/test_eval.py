@@ -59,8 +59,9 @@ def test_eval_refuses_pass_at_1_without_a_sandbox_unless_unsafe_exec(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "EBFT_SANDBOX_BACKENDS": "none"}
-    args = [sys.executable, "-c", "from ebft_tui.cli import main; main()", "eval", str(root / "presets" / "smollm2-135m-strided-cpu.yaml"),
-            "base_model=/nonexistent/model", "--max-rows", "1", "--log-dir", str(tmp_path / "run")]
+    preset = str(root / "presets" / "smollm2-135m-strided-cpu.yaml")
+    args = [sys.executable, "-c", "from ebft_tui.cli import main; main()", "eval", preset, "base_model=/nonexistent/model",
+            "--max-rows", "1", "--log-dir", str(tmp_path / "run")]
     refused = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "apt-get install bubblewrap" in refused.stderr and "--unsafe-exec" in refused.stderr

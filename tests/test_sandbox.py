@@ -99,7 +99,8 @@ os.open("$host_dir/w-rootfd".lstrip("/"), os.O_WRONLY | os.O_CREAT, 0o644, dir_f
 fd = libc.open(b"$host_dir/w-ctypes", 0o101, 0o644)  # O_WRONLY | O_CREAT
 assert fd >= 0, "open failed: errno %d" % ctypes.get_errno()
 """, errors=("open failed: errno 2",)),
-    Hostile("write into /usr", 'open("/usr/lib/$marker", "w")\n', errors=("Read-only file system", "Permission denied")),
+    Hostile("write into /usr", 'open("/usr/lib/$marker", "w")\n',
+            errors=("Read-only file system", "Permission denied")),
     Hostile("remount /usr writable", CTYPES + """import os
 if libc.mount(None, b"/usr", None, 32 | 4096, None) != 0:  # MS_REMOUNT | MS_BIND, without MS_RDONLY
     raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))

@@ -18,5 +18,5 @@ from ebft_engine.sandbox.backends import (
 )
 from ebft_engine.sandbox.runner import SandboxResult, humaneval_program, run_program, run_programs
 
-__all__ = ["UNSAFE", "UNSAFE_NOTICE", "UNSAFE_WARNING", "Backend", "SandboxResult", "SandboxUnavailable", "detect_backend",
-           "humaneval_program", "probe", "require_backend", "run_program", "run_programs"]
+__all__ = ["UNSAFE", "UNSAFE_NOTICE", "UNSAFE_WARNING", "Backend", "SandboxResult", "SandboxUnavailable",
+           "detect_backend", "humaneval_program", "probe", "require_backend", "run_program", "run_programs"]

@@ -150,8 +150,8 @@ def _bwrap_launch(exe: str, interpreter_args: list[str], program_fd: int, info_f
         argv += ["--perms", "1777", "--size", str(size), "--tmpfs", path]
     argv += ["--perms", "0644", "--file", str(program_fd), PROGRAM, "--chdir", WORKDIR, "--"]
     if _is_root():
-        argv += [shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}", "--clear-groups", "--inh-caps=-all",
-                 "--bounding-set=-all", "--no-new-privs", "--"]
+        argv += [shutil.which("setpriv") or "/usr/bin/setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}",
+                 "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     return Launch(argv + [interpreter(), *interpreter_args], (program_fd, info_fd))
 
 
