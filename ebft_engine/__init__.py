@@ -4,7 +4,7 @@ What lives here: the config schema (`config.py`), model and data loading (`model
 `data.py`, `transforms/`), the shared math (`features.py`, `rewards.py`, `advantages.py`), the
 two modes (`strided/`, `structured/`, both behind the `Stepper` protocol of `stepper.py`), the
 generation server and its client (`rollout/`), the loop (`train.py`, `checkpoint.py`,
-`metrics.py`), evaluation (`eval.py`, `sandbox.py`) and the `python -m ebft_engine` commands
+`metrics.py`), evaluation (`eval.py`, `sandbox/`) and the `python -m ebft_engine` commands
 (`cli.py`, `commands/`). docs/architecture.md draws one step of each mode.
 
 May import: torch, transformers, peft, datasets, pydantic, yaml, httpx, fastapi (the server).
