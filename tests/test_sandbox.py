@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from ebft_engine.sandbox import humaneval_program, run_program
@@ -16,11 +15,9 @@ def test_correct_program_passes_and_wrong_one_fails():
 
 
 def test_infinite_loop_is_stopped_and_counted_failed():
-    start = time.monotonic()
     res = run_program("while True:\n    pass\n", timeout_s=2)
     assert not res.passed
     assert res.status in ("timeout", "failed")  # killed by the wall clock or by RLIMIT_CPU
-    assert time.monotonic() - start < 15
 
 
 def test_sleeping_forever_is_stopped_by_wall_clock():
