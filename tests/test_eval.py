@@ -114,12 +114,14 @@ def test_validation_ce_equals_manual_token_average(tiny_llama):
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_eval_before_and_after_a_short_cpu_run(tmp_path):
+@pytest.mark.timeout(900)
+def test_eval_before_and_after_a_short_cpu_run(tmp_path, tiny_smollm2_dir):
     """`ebft eval` on the CPU preset prints all three metrics for the base model and for the adapter
     a short run trained, and appends both as `eval` records to the run's metrics.jsonl. The first
     runs as if no OS sandbox existed, with --unsafe-exec; its record carries the warning, the second
-    names the jail it used."""
+    names the jail it used. The model is a tiny random one with SmolLM2's tokenizer: the commands
+    and records are the point, and the real 135M model made this test take minutes (600 s and
+    more on a busy machine)."""
     import json
     import os
     import subprocess
@@ -129,19 +131,22 @@ def test_eval_before_and_after_a_short_cpu_run(tmp_path):
     root = Path(__file__).resolve().parents[1]
     preset = str(root / "presets" / "smollm2-135m-strided-cpu.yaml")
     run = tmp_path / "run"
-    common = ["--max-rows", "2", "--max-new-tokens", "24", "--n-samples", "2", "--log-dir", str(run)]
+    model = [f"base_model={tiny_smollm2_dir}", "bf16=false"]
+    common = ["--max-rows", "2", "--max-new-tokens", "16", "--n-samples", "2", "--log-dir", str(run)]
 
     def ebft(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ebft_engine", *args], cwd=root, capture_output=True,
-                              text=True, timeout=900, env=env)
+                              text=True, timeout=280, env=env)
 
-    before = ebft("eval", preset, *common, "--unsafe-exec", env={**os.environ, "EBFT_SANDBOX_BACKENDS": "none"})
+    before = ebft("eval", preset, *model, *common, "--unsafe-exec",
+                  env={**os.environ, "EBFT_SANDBOX_BACKENDS": "none"})
     assert before.returncode == 0, before.stderr[-2000:]
-    trained = ebft("train", preset, "datasets.0.split=train[:1]", "max_steps=2", "save_steps=2",
+    trained = ebft("train", preset, *model, "datasets.0.split=train[:1]", "max_steps=2", "save_steps=2",
                    "learning_rate=1e-3", f"output_dir={run}")
     assert trained.returncode == 0, trained.stderr[-2000:]
     jail = detect_backend()[0]
-    after = ebft("eval", preset, "--adapter", str(run / "adapter"), *common, *([] if jail else ["--unsafe-exec"]))
+    after = ebft("eval", preset, *model, "--adapter", str(run / "adapter"), *common,
+                 *([] if jail else ["--unsafe-exec"]))
     assert after.returncode == 0, after.stderr[-2000:]
     for out in (before.stdout, after.stdout):
         assert "validation CE" in out and "CFM loss" in out and "pass@1" in out
