@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
+
+from ebft_engine.yaml_input import YamlInputError, bool_for_number, load_yaml, read_text
 
 LOOPBACK = "127.0.0.1"
 WORLD_SIZE = 1  # one trainer process; data-parallel training is not implemented
@@ -90,6 +92,14 @@ def _f(default: Any = None, description: str = "", *, section: str | None = None
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic would take `true` (and YAML's `yes`/`on`) as 1 where a number is expected."""
+        if info.field_name and bool_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError("a true/false value where a number is expected")
+        return value
 
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -475,8 +485,8 @@ def _parse_value(text: str) -> Any:
     if text.strip() == "":
         return None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text, "an override")
+    except (yaml.YAMLError, YamlInputError):
         return text
 
 
@@ -555,14 +565,18 @@ def _read_source(source: str | Path | dict) -> tuple[dict[str, Any], str | None]
     path = Path(source)
     name = str(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
     except FileNotFoundError:
         raise ConfigError([Problem("config", f"{name}: no such file. Give the path of a YAML config "
                                              "(or a preset name to `ebft`, e.g. `ebft ls`).")], name) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([Problem("config", f"{name}: cannot be read ({error}).")], name) from None
+    except YamlInputError as error:
+        raise ConfigError([Problem("config", f"{name}: {error}")], name) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, name)
+    except YamlInputError as error:
+        raise ConfigError([Problem("config", f"{name}: {error}")], name) from None
     except yaml.YAMLError as error:
         where = ""
         mark = getattr(error, "problem_mark", None)
@@ -767,6 +781,9 @@ def _type_problem(path: list[str | int], errors: list[dict], data: dict[str, Any
             reason = f"is out of range: {what} must be {sym} {_show(bound)}"
         else:
             reason = "is empty: give at least one item"
+    elif "value_error" in kinds and info is not None and bool_for_number(info.annotation, value):
+        reason = (f"is true/false where {_describe(info.annotation)} is expected (YAML reads yes, "
+                  "no, on and off as true/false)")
     elif info is not None and path and isinstance(path[-1], int):
         inner, _ = _unwrap(info.annotation)
         item = get_args(inner)[0] if get_origin(inner) is list and get_args(inner) else inner
