@@ -8,15 +8,25 @@ ignore `.tmp-*` folders. Contents:
   `PeftModel.from_pretrained`), or the full model's `save_pretrained` without an adapter;
 - `trainer_state.pt`: step, optimizer, scheduler, every RNG (python, numpy, torch, cuda) and the
   data position, loadable with `torch.load(weights_only=True)`;
-- `config.yaml`: the resolved config that produced it (resume refuses a different one).
+- `config.yaml`: the resolved config that produced it (resume refuses a different one);
+- `manifest.json`, written last: every other file's size and sha256. A resume verifies the newest
+  checkpoint against it and, when a file is missing, truncated or changed (a disk that lied about
+  an fsync, a copy cut short, a bad sector), names it and falls back to the newest one that
+  verifies (`find_resumable`).
+
+Folders `.tmp-*` left by saves that were killed are removed when a run starts
+(`clean_leftovers`) and after every save.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +36,9 @@ import torch
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_HASH_CHUNK = 8 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,13 +88,62 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_dir(final: Path, fill) -> Path:
-    """Build `final` by `fill(tmp)` in a sibling `.tmp-*` folder, fsync it and rename it in place."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)  # releases the GIL: files hash in parallel threads
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """`manifest.json`: the size and sha256 of every other file of `folder` (written last)."""
+    files = _files(folder)
+    with ThreadPoolExecutor(max_workers=min(4, len(files) or 1)) as pool:
+        hashes = list(pool.map(_sha256, files))
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": h}
+               for p, h in zip(files, hashes)}
+    (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": entries}, indent=1) + "\n",
+                                   encoding="utf-8")
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What differs between `folder` and its manifest (None: every file has its size and hash)."""
+    try:
+        entries = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the save did not finish)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{MANIFEST} is unreadable ({type(error).__name__})"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, the manifest says {entry['size']} (truncated?)"
+    with ThreadPoolExecutor(max_workers=min(4, len(entries) or 1)) as pool:
+        hashes = dict(zip(entries, pool.map(lambda n: _sha256(folder / n), entries)))
+    for name, entry in entries.items():
+        if hashes[name] != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (changed or corrupt)"
+    return None
+
+
+def atomic_dir(final: Path, fill, manifest: bool = False) -> Path:
+    """Build `final` by `fill(tmp)` in a sibling `.tmp-*` folder (with `manifest.json` last when
+    asked), fsync it and rename it in place."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     fill(tmp)
+    if manifest:
+        write_manifest(tmp)
     _fsync_tree(tmp)
     if final.exists():  # os.replace cannot replace a non-empty folder: move the old one aside
         old = final.parent / f".tmp-old-{final.name}-{os.getpid()}"
@@ -110,9 +171,21 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, *, model: torch.
                     "rng": rng_state, "data": data_state}, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
 
-    path = atomic_dir(ckpt_dir / f"step-{step:06d}", fill)
+    path = atomic_dir(ckpt_dir / f"step-{step:06d}", fill, manifest=True)
     _prune(ckpt_dir, save_total_limit)
     return path
+
+
+def clean_leftovers(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the `.tmp-*` folders of killed saves (checkpoints, the final adapter, weight-sync
+    folders) from a run dir no other trainer writes to; returns what was removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / CHECKPOINTS, run_dir / "lora-sync", run_dir / "weight-sync"):
+        for leftover in folder.glob(".tmp-*") if folder.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
 
 
 def _prune(ckpt_dir: Path, save_total_limit: int | None) -> None:
@@ -139,6 +212,40 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def find_resumable(run_dir: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose files match its manifest, and one warning for each newer
+    `step-*` folder skipped, naming it and what is wrong; a skipped folder is renamed
+    `damaged-step-*` (kept for a look, never verified or pruned again). A checkpoint saved before
+    manifests existed (no manifest, but a state file) is used unverified, with a warning."""
+    ckpt_dir = Path(run_dir) / CHECKPOINTS
+    steps = sorted((int(m.group(1)), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else ())
+                   if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    warnings = []
+    for _, path in reversed(steps):
+        name = f"{CHECKPOINTS}/{path.name}"
+        if not (path / MANIFEST).exists() and (path / STATE_FILE).is_file():
+            warnings.append(f"{name} has no {MANIFEST} (saved by an older ebft): resuming from it "
+                            "without verifying its files")
+            return path, warnings
+        problem = manifest_problem(path)
+        if problem is None:
+            return path, warnings
+        aside = _set_aside(path)
+        warnings.append(f"{name} is damaged: {problem}. Skipped it and moved it to "
+                        f"{CHECKPOINTS}/{aside.name} (delete that once you no longer need it)")
+    return None, warnings
+
+
+def _set_aside(path: Path) -> Path:
+    target = path.with_name(f"damaged-{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged-{path.name}-{n}")
+    os.replace(path, target)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ class StepResult:
     skips the optimizer update but still counts and logs the step."""
 
 
+class NothingToTrainError(ValueError):
+    """No row of the training data gives the mode anything to learn from: the run would log NaN
+    metrics to its end and call that done. The message says what a row needs."""
+
+
 class Stepper(Protocol):
     """A mode. Built once by `train.py` with the config, the trainable model and the tokenizer."""
 
@@ -36,6 +41,10 @@ class Stepper(Protocol):
     # Optional: `rows_in_flight: int`, rows taken for later steps but not trained on yet (structured
     # async prefetch). A checkpoint rewinds the data order by that many, so a resumed run takes
     # them again instead of skipping them.
+    #
+    # Optional: `check_rows(data) -> str | None`, run once on the training data before the first
+    # step: raises NothingToTrainError when no row can train anything (strided: rows too short for
+    # one block), returns a warning when some rows cannot.
 
     def run_step(self, rows: Sequence[dict[str, Any]], step: int) -> StepResult:
         """Roll out, score and backpropagate one optimizer step's rows (loss already divided for

@@ -23,8 +23,9 @@ schedule, RNG and data position are restored, so the run continues as if never s
 between that checkpoint and a kill are re-run; their metric records are already in metrics.jsonl
 and are not written again (docs/log-contract.md).
 
-Exit codes: 0 done, 1 failed (error record), 2 bad config or run dir, 3 non-finite loss or
-gradient, 128+signal when stopped by SIGTERM/SIGINT (after a checkpoint).
+Exit codes: 0 done, 1 failed (error record), 2 bad config or run dir, or data no step can train
+on (error record), 3 non-finite loss or gradient, 128+signal when stopped by SIGTERM/SIGINT
+(after a checkpoint).
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ import torch
 import yaml
 
 from ebft_engine import watchdog
-from ebft_engine.checkpoint import (CHECKPOINTS, atomic_dir, capture_rng, checkpoint_config,
-                                    latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint)
+from ebft_engine.checkpoint import (CHECKPOINTS, atomic_dir, capture_rng, checkpoint_config, clean_leftovers,
+                                    find_resumable, latest_checkpoint, load_checkpoint, restore_rng,
+                                    save_checkpoint)
 from ebft_engine.config import EbftConfig
 from ebft_engine.metrics import HealthMonitor, MetricsLog, console_line, last_logged_step, read_records
-from ebft_engine.stepper import Stepper
+from ebft_engine.stepper import NothingToTrainError, Stepper
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
 
@@ -202,14 +204,18 @@ def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     return [k for k in keys if not k.startswith(RESUME_MAY_CHANGE)]
 
 
-def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool, overwrite: bool) -> Path | None:
-    """Decide fresh start or resume; returns the checkpoint to resume from (None: step 0).
+def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool,
+                    overwrite: bool) -> tuple[Path | None, list[str]]:
+    """Decide fresh start or resume; returns the checkpoint to resume from (None: step 0) and
+    warnings about checkpoints that did not verify (skipped, see `checkpoint.find_resumable`).
 
     A run dir that already holds a run (checkpoints or metric records) is continued by default,
     when its config matches; `resume=False` refuses it unless `overwrite`, which deletes it.
+    Leftovers of saves that were killed (`.tmp-*`) are removed first.
     `RUN_DIR/config.yaml` keeps the config that runs here (a resume before the first checkpoint
     is checked against it); an equivalent one, e.g. the launcher's, is left as it is."""
-    ckpt = latest_checkpoint(run_dir)
+    clean_leftovers(run_dir)
+    ckpt, notes = find_resumable(run_dir)
     has_run = ckpt is not None or last_logged_step(read_records(run_dir / "metrics.jsonl")) > 0
     if has_run and not resume:
         if not overwrite:
@@ -229,7 +235,7 @@ def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool, overwrite: bo
                 f"use another output_dir, or --no-resume --overwrite to start it over")
     if not saved.is_file() or (not has_run and config_differences(saved.read_text(encoding="utf-8"), cfg_yaml)):
         saved.write_text(cfg_yaml, encoding="utf-8")
-    return ckpt
+    return ckpt, notes
 
 
 def _read(path: Path) -> str | None:
@@ -323,6 +329,7 @@ def set_up(cfg: EbftConfig, run_dir: Path, cfg_yaml: str, log: MetricsLog, build
     stepper = build_stepper(cfg, model, tokenizer, device, dtype)
     try:
         data = load_data(cfg, tokenizer)
+        check_rows(stepper, data, log)
         order = DataOrder(len(data), cfg.seed)
         max_steps = int(cfg.max_steps or math.ceil(cfg.num_epochs * len(data) / stepper.rows_per_step))
         optimizer = build_optimizer(cfg, model)
@@ -335,6 +342,17 @@ def set_up(cfg: EbftConfig, run_dir: Path, cfg_yaml: str, log: MetricsLog, build
                scheduler=scheduler, max_steps=max_steps, save_steps=cfg.save_steps or max_steps,
                params=[p for group in optimizer.param_groups for p in group["params"]],
                monitor=HealthMonitor(use_whitening=cfg.ebft.use_whitening))
+
+
+def check_rows(stepper: Stepper, data: Any, log: MetricsLog) -> None:
+    """Before the first step: the mode says whether its rows can train anything at all
+    (NothingToTrainError, exit 2, instead of NaN metrics to the end) and warns about rows that
+    cannot."""
+    check = getattr(stepper, "check_rows", None)
+    note = check(data) if check is not None else None
+    if note:
+        log.status("loading", 0, f"warning: {note}")
+        print(f"warning: {note}", file=sys.stderr, flush=True)
 
 
 def resume_run(run: Run, ckpt: Path | None) -> None:
@@ -467,13 +485,14 @@ def finish(run: Run) -> int:
 
 
 def report_failure(log: MetricsLog, step: int, error: Exception) -> int:
-    """Any failure ends as an error record and exit 1; the user's own mistakes without a traceback."""
+    """Any failure ends as an error record and exit 1 (2 when the data cannot train at all); the
+    user's own mistakes without a traceback."""
     message, hint, expected = describe_failure(error)
     log.error(step, message, hint)
     print(f"error: {message}" + (f"\n  {hint}" if hint else ""), file=sys.stderr, flush=True)
     if not expected:
         traceback.print_exc()
-    return EXIT_FAILED
+    return EXIT_USAGE if isinstance(error, NothingToTrainError) else EXIT_FAILED
 
 
 def refuse_run_dir(run_dir: Path, error: RunDirError) -> int:
@@ -504,10 +523,13 @@ def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_yaml = cfg.to_yaml()
     try:
-        ckpt = prepare_run_dir(run_dir, cfg_yaml, resume=resume, overwrite=overwrite)
+        ckpt, notes = prepare_run_dir(run_dir, cfg_yaml, resume=resume, overwrite=overwrite)
     except RunDirError as error:
         return refuse_run_dir(run_dir, error)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    for note in notes:  # checkpoints that did not verify: named, skipped
+        log.status("loading", 0, f"warning: {note}")
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     run: Run | None = None
     watchdog.STOP.reset()
     try:
@@ -533,7 +555,7 @@ def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
 
 
 USER_ERRORS = ("ModelLoadError", "DatasetError", "ConfigError", "TransformError", "RunDirError",
-               "ServerError", "StructuredError")
+               "ServerError", "StructuredError", "NothingToTrainError")
 """Exception class names that mean "the config points at something unusable": one message, no
 traceback. (Matched by name so this module need not import every module that defines one.)"""
 

@@ -159,3 +159,56 @@ def test_final_adapter_is_peft_reloadable_with_its_tokenizer(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, reloaded(input_ids=IDS).logits)
     assert save_final(tmp_path, make_tiny_llama(), None) == tmp_path / "model"  # full fine-tune
+
+
+def test_the_manifest_lists_every_other_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+    import json
+
+    model = lora_model()
+    optimizer, scheduler = parts(model)
+    path = save(tmp_path, 3, model, optimizer, scheduler)
+    entries = json.loads((path / "manifest.json").read_text())["files"]
+    others = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(entries) == others and "trainer_state.pt" in entries
+    for name, entry in entries.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_damaged_latest_checkpoint_is_named_skipped_and_set_aside(tmp_path):
+    from ebft_engine.checkpoint import find_resumable
+
+    model = lora_model()
+    optimizer, scheduler = parts(model)
+    for step in (2, 4, 6, 8):
+        save(tmp_path, step, model, optimizer, scheduler)
+    ckpts = tmp_path / "checkpoints"
+    weights = ckpts / "step-000008" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated (a copy cut short)
+    state = ckpts / "step-000006" / "trainer_state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    state.write_bytes(bytes(data))
+    (ckpts / "step-000004" / "config.yaml").unlink()
+
+    found, warnings = find_resumable(tmp_path)
+    assert found == ckpts / "step-000002"
+    assert len(warnings) == 3
+    assert "step-000008" in warnings[0] and "adapter_model.safetensors has 100 bytes" in warnings[0]
+    assert "step-000006" in warnings[1] and "trainer_state.pt does not match its sha256" in warnings[1]
+    assert "step-000004" in warnings[2] and "config.yaml is missing" in warnings[2]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "damaged-step-000004", "damaged-step-000006", "damaged-step-000008", "step-000002"]
+    assert find_resumable(tmp_path) == (ckpts / "step-000002", [])  # verified once, not again
+
+
+def test_a_checkpoint_from_before_manifests_is_used_with_a_warning(tmp_path):
+    from ebft_engine.checkpoint import find_resumable
+
+    model = lora_model()
+    optimizer, scheduler = parts(model)
+    path = save(tmp_path, 2, model, optimizer, scheduler)
+    (path / "manifest.json").unlink()
+    found, warnings = find_resumable(tmp_path)
+    assert found == path and "no manifest.json" in warnings[0] and "without verifying" in warnings[0]

@@ -156,6 +156,41 @@ def test_kill_before_the_first_checkpoint_restarts_from_step_0_without_duplicate
     assert [r["step"] for r in metric_records(run)] == list(range(1, 9))
 
 
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before_with_a_warning(tmp_path):
+    expected_params, expected_metrics = uninterrupted(tmp_path, save_steps=2)
+    run = tmp_path / "run"
+
+    killed_in_step(7, tiny_cfg(run, save_steps=2))  # checkpoints at steps 2, 4 and 6
+    weights = run / "checkpoints" / "step-000006" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    built = {}
+    assert run_tiny(tiny_cfg(run, save_steps=2), built=built) == 0  # resumes from step 4
+    assert_same_params(trainable(built["model"]), expected_params)
+    assert [r["loss"] for r in metric_records(run)] == [r["loss"] for r in expected_metrics]
+    events = read_records(run / "metrics.jsonl")
+    warned = [e["message"] for e in events if e["event"] == "status" and "is damaged" in e.get("message", "")]
+    assert len(warned) == 1 and "checkpoints/step-000006" in warned[0] and "adapter_model.safetensors" in warned[0]
+    assert [e["resumed_from"] for e in events if e["event"] == "run"][-1] == "checkpoints/step-000004"
+
+
+def test_leftovers_of_killed_saves_are_removed_when_a_run_starts(tmp_path):
+    run = tmp_path / "run"
+    leftovers = [run / "checkpoints" / ".tmp-step-000004-999", run / ".tmp-adapter-1234",
+                 run / "lora-sync" / ".tmp-v3", run / "weight-sync" / ".tmp-step-2"]
+    for folder in leftovers:
+        folder.mkdir(parents=True)
+        (folder / "half.safetensors").write_bytes(b"partial")
+
+    def no_model(cfg):
+        raise RuntimeError("stop before any save")
+
+    from ebft_engine.train import train
+
+    assert train(tiny_cfg(run), build_model=no_model) == 1
+    assert not any(p.exists() for p in leftovers)
+    assert (run / "checkpoints").is_dir() and (run / "lora-sync").is_dir()
+
+
 def test_rerunning_a_finished_run_changes_nothing(tmp_path):
     run = tmp_path / "run"
     built = {}

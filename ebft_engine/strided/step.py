@@ -33,10 +33,11 @@ from ebft_engine.config import EbftConfig
 from ebft_engine.features import (feature_layer_indices, frozen_feature_model, is_peft_model,
                                   make_frozen_copy, num_decoder_layers, pool_blocks, token_features)
 from ebft_engine.rewards import compute_rewards, reward_metrics
-from ebft_engine.stepper import StepResult
+from ebft_engine.stepper import NothingToTrainError, StepResult
 
 from .generate import generate_blocks
-from .layout import StridedLayout, block_view, fold_sample_rows, gen_region, make_layout, unfold_samples
+from .layout import (StridedLayout, block_view, fold_sample_rows, gen_region, make_layout, row_anchors,
+                     unfold_samples)
 from .loss import ce_loss, ce_positions, gather_logprobs, rl_loss
 from .mask import (attention_for, attn_implementation, dense_block_mask, flex_block_mask,
                    forward_with_mask, lm_head, supports_flex)
@@ -63,6 +64,21 @@ def from_groups(per_group: Tensor, B: int) -> Tensor:
     NB = n_groups // B
     rest = per_group.shape[2:]
     return per_group.view(B, NB, n, *rest).transpose(1, 2).reshape(B * n, NB, *rest)
+
+
+def _row_lengths(data: Any, max_len: int | None) -> tuple[Tensor, Tensor]:
+    """(real tokens per row, cut to max_len; prompt length per row, -1 for raw text), read as
+    columns when `data` is a datasets.Dataset (fast), row by row otherwise."""
+    if hasattr(data, "column_names"):
+        ids = data["input_ids"]
+        prompts = data["prompt_length"] if "prompt_length" in data.column_names else [None] * len(ids)
+    else:
+        ids = [row["input_ids"] for row in data]
+        prompts = [row.get("prompt_length") for row in data]
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+    if max_len:
+        lengths = lengths.clamp(max=int(max_len))
+    return lengths, torch.tensor([-1 if p is None else int(p) for p in prompts], dtype=torch.long)
 
 
 def _as_list(x: Any) -> list[int]:
@@ -139,6 +155,29 @@ class StridedStepper:
             metrics["loss"] = metrics["rl_loss"] = 0.0
         metrics.update({k: float(v) for k, v in counts.items()})
         return StepResult(metrics=metrics, n_tokens=n_tokens, skipped=not any_backward)
+
+    def check_rows(self, data: Any) -> str | None:
+        """Rows with room for at least one block (anchor + generate_max_len real tokens within
+        sequence_len): NothingToTrainError when there is none, a warning when some lack it."""
+        e = self.e
+        lengths, prompts = _row_lengths(data, self.max_len)
+        anchors = row_anchors(prompts, len(lengths), context_length=int(e.context_length),
+                              min_completion_prefix=int(e.min_completion_prefix))
+        fits = lengths - int(e.generate_max_len) - anchors >= 0
+        need = (f"a block needs its anchor (ebft.context_length = {e.context_length} tokens, or the "
+                f"prompt + ebft.min_completion_prefix = {e.min_completion_prefix}) plus "
+                f"ebft.generate_max_len = {e.generate_max_len} real tokens, within sequence_len = "
+                f"{self.max_len}")
+        n, ok = len(lengths), int(fits.sum())
+        if ok == 0:
+            longest = int(lengths.max()) if n else 0
+            raise NothingToTrainError(
+                f"none of the {n} training rows has room for one strided block, so no step could "
+                f"train anything: {need}; the longest row has {longest}. Lower ebft.context_length, "
+                "ebft.generate_max_len or ebft.min_completion_prefix, or use longer documents.")
+        if ok < n:
+            return f"{n - ok} of the {n} training rows have no room for a strided block and train nothing ({need})"
+        return None
 
     def after_optimizer_step(self, step: int) -> None:
         return None
