@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ebft_engine import sources
+
 if TYPE_CHECKING:  # `datasets` is imported where used: `validate` must stay fast
     import datasets
     from transformers import PreTrainedTokenizerBase
@@ -158,8 +160,8 @@ def load_source(spec: DatasetConfig) -> "datasets.Dataset":
         raise DatasetError("a datasets entry has no `path`")
     split = spec.split
     is_local = Path(path).expanduser().exists()
-    if not (path.startswith("builtin:") or is_local):
-        if path.startswith(("/", "./", "../", "~")) or Path(path).suffix in LOCAL_FORMATS:
+    if not (sources.is_builtin(path) or is_local):
+        if sources.is_local(path, tuple(LOCAL_FORMATS)):
             raise DatasetError(f"dataset {path}: no such file or folder")
         return _load_hub(path, split, spec)
     parts = []

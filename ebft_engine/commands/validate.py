@@ -1,7 +1,9 @@
 """`python -m ebft_engine validate CONFIG [key=value ...] [--json] [--write-resolved PATH]`.
 
 Checks a config and its overrides the way training will, before anything is loaded (no torch, no
-network), and reports every problem at once.
+network), and reports every problem at once: first the config's own keys and rules, then what the
+run needs beyond them (`ebft_engine.preflight`: data files line by line, transforms, output_dir,
+device, a local base_model).
 
 Plain output (a person at a terminal):
 - valid: the resolved config (every key, defaults filled in) as YAML on stdout; warnings on stderr
@@ -72,10 +74,11 @@ def resolved_header(source: str, overrides: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides or [])
     try:
-        from ebft_engine.config import ConfigError, load_config
+        from ebft_engine.config import ConfigError
+        from ebft_engine.preflight import load_and_check
 
         try:
-            cfg = load_config(args.config, overrides)
+            cfg = load_and_check(args.config, overrides)
         except ConfigError as error:
             if args.json:
                 _print_json(False, [p.to_dict() for p in error.problems], [], None)

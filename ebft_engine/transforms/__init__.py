@@ -23,8 +23,10 @@ nor the modes or train.py.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
 from ebft_engine.config import EbftConfig
@@ -70,7 +72,37 @@ def _import_module(type_name: str, module_name: str):
                 f"({cwd}) or on PYTHONPATH, and it is not a built-in "
                 f"({', '.join(BUILTIN_MODULES)})"
             ) from error
-        raise TransformError(f"dataset type {type_name!r}: importing {module_name!r} failed: {error}") from error
+        raise TransformError(f"dataset type {type_name!r}: importing {module_name!r} failed: "
+                             f"{_where_raised(error, _module_file(module_name))}{error}") from error
+    except Exception as error:  # the module's own code raised while it was imported
+        raise TransformError(
+            f"dataset type {type_name!r}: importing module {module_name!r} failed at "
+            f"{_where_raised(error, _module_file(module_name))}{type(error).__name__}: {error}. Fix the module; "
+            f"`python -c 'import {module_name}'` shows the whole traceback"
+        ) from error
+
+
+def _module_file(module_name: str) -> str | None:
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None else None
+
+
+def _where_raised(error: BaseException, module_file: str | None = None) -> str:
+    """`file.py line N: ` of the line that raised: the innermost frame in `module_file` (the
+    user's module, rather than the library it called), else the innermost one; '' when none."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename} line {error.lineno}: "
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith("<frozen")]
+    if not frames:
+        return ""
+    own = []
+    if module_file and os.path.exists(module_file):
+        own = [f for f in frames if os.path.exists(f.filename) and os.path.samefile(f.filename, module_file)]
+    frame = (own or frames)[-1]
+    return f"{frame.filename} line {frame.lineno}: "
 
 
 def load_transform(type_name: str, cfg: EbftConfig, **kwargs: Any) -> tuple[TransformFn, dict]:
@@ -88,7 +120,14 @@ def load_transform(type_name: str, cfg: EbftConfig, **kwargs: Any) -> tuple[Tran
             f"dataset type {type_name!r}: module {module_name!r} has no function {function_name!r}"
             + (f" (it has: {', '.join(available)})" if available else "")
         )
-    result = factory(cfg, **kwargs)
+    try:
+        result = factory(cfg, **kwargs)
+    except Exception as error:
+        raise TransformError(
+            f"dataset type {type_name!r}: {function_name}(cfg) raised "
+            f"{_where_raised(error, getattr(module, '__file__', None))}"
+            f"{type(error).__name__}: {error}"
+        ) from error
     if (
         not isinstance(result, tuple)
         or len(result) != 2
