@@ -210,6 +210,16 @@ class VllmSection(_Section):
         None, "Path of the `vllm` binary of a separate environment (env EBFT_VLLM_EXECUTABLE overrides; "
         "unset: `vllm` on PATH)")
     extra_args: list[str] = _f(None, "Extra command-line arguments for `vllm serve`", factory=list)
+    max_n_per_request: int = _f(
+        64, "Our hf server: most samples of one prompt a request may ask for (n; at least "
+        "trl.num_generations)", ge=1)
+    max_prompts_per_request: int = _f(
+        256, "Our hf server: most prompts in one request (at least two steps' prompts: async "
+        "prefetch asks for two at the start)", ge=1)
+    max_tokens_per_request: int | None = _f(
+        None, "Our hf server: most tokens one sample may generate (unset: "
+        "trl.max_completion_length)", ge=1)
+    max_request_mb: float = _f(32.0, "Our hf server: largest request body it reads, in MiB", gt=0)
 
     def effective_executable(self) -> str:
         """The `vllm` binary to launch: $EBFT_VLLM_EXECUTABLE, else `executable`, else `vllm`."""
@@ -1192,6 +1202,21 @@ def _server_off_loopback_is_reachable(cfg: EbftConfig, found: _Findings) -> None
                    "Remove the key to listen on loopback only.")
 
 
+def _request_caps_fit_the_run(cfg: EbftConfig, found: _Findings) -> None:
+    """Our hf server refuses requests over `vllm.max_*_per_request`: the run's own must fit."""
+    v, t = cfg.vllm, cfg.trl
+    prompts = 2 * cfg.micro_batch_size * cfg.gradient_accumulation_steps * cfg.world_size // (t.num_generations or 1)
+    for key, cap, need, what in (
+            ("max_n_per_request", v.max_n_per_request, t.num_generations, "trl.num_generations"),
+            ("max_tokens_per_request", v.max_tokens_per_request, t.max_completion_length,
+             "trl.max_completion_length"),
+            ("max_prompts_per_request", v.max_prompts_per_request, prompts,
+             "two steps' prompts (micro_batch_size x gradient_accumulation_steps / num_generations, x2)")):
+        if cap is not None and need is not None and cap < need:
+            found.bad(f"vllm.{key}", f"`vllm.{key}: {cap}` is below {what} ({need}): the generation "
+                                     f"server would refuse the run's own requests. Raise it to at least {need}.")
+
+
 def _strided_settings_do_nothing(cfg: EbftConfig, found: _Findings) -> None:
     changed = [f"ebft.{k}" for k in _changed(cfg.ebft, _STRIDED_ONLY_EBFT)]
     if changed:
@@ -1214,7 +1239,7 @@ STRIDED_RULES: tuple[Rule, ...] = (
 STRUCTURED_RULES: tuple[Rule, ...] = (
     _generations_are_set, _batches_hold_whole_groups, _lora_sync_needs_lora, _no_vllm_means_the_hf_server,
     _context_holds_a_prompt, _epsilon_high_not_below_epsilon, _streaming_needs_async,
-    _server_off_loopback_is_reachable, _strided_settings_do_nothing,
+    _server_off_loopback_is_reachable, _request_caps_fit_the_run, _strided_settings_do_nothing,
 )
 """The cross-key rules, in the order they run (and report). A rule may also fix up what has one
 meaning (`attn_implementation: flex_attention` sets `flex_attention`) and warn that it did."""

@@ -2,9 +2,18 @@
 
 `vllm.backend: hf` runs our transformers server in this process (foreground); `vllm.backend: vllm`
 starts `vllm serve` (from its own environment) with the argv built from the config, forwards
-SIGINT/SIGTERM to it and exits with its exit code. Either way the server listens on 127.0.0.1
-unless `trl.vllm_server_host` (or --host) says otherwise, and answers `GET /health` once ready:
-the `ebft` launcher polls that before it starts `python -m ebft_engine train CONFIG`.
+SIGINT/SIGTERM to it, and vLLM gets SIGTERM the moment this process dies, however it dies
+(`lifeline.py`). Either way the server listens on 127.0.0.1 unless `trl.vllm_server_host` (or
+--host) says otherwise, and answers `GET /health` once ready: the `ebft` launcher polls that
+before it starts `python -m ebft_engine train CONFIG`.
+
+Every other route needs the run's token: $EBFT_SERVER_TOKEN (the launcher sets it), else a new
+one; it is written to `output_dir/server.token` (0600), where the trainer finds it, and reaches
+vLLM as VLLM_API_KEY, never on a command line. Our server also loads adapters and weights only
+from inside output_dir and caps each request (`vllm.max_*_per_request`).
+
+Exit codes: 0 stopped normally, 1 the server failed, 2 bad config, 128+N stopped by signal N
+(to us, or to vLLM).
 """
 
 from __future__ import annotations
@@ -12,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,11 +94,15 @@ def _start_watchdog() -> None:
 
 
 def _serve_hf(cfg: EbftConfig, host: str, port: int, threads: int | None = None) -> int:
+    """Our server in this process until SIGINT/SIGTERM (uvicorn then re-raises the signal, so the
+    process ends as killed by it: 128+N to a shell)."""
     import torch
 
     if threads:
         torch.set_num_threads(int(threads))
+    from ebft_engine.rollout import auth
     from ebft_engine.rollout import vllm_launcher as launcher
+    from ebft_engine.rollout.guards import RequestLimits
     from ebft_engine.rollout.hf_engine import load_state
     from ebft_engine.rollout.hf_server import log, serve
 
@@ -100,18 +115,25 @@ def _serve_hf(cfg: EbftConfig, host: str, port: int, threads: int | None = None)
         # OpenMP threads spin and slow both processes down many times over)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     rank = launcher.lora_rank_flag(cfg.lora_r) if launcher.uses_lora(cfg) else 64
-    log(f"loading {cfg.base_model} ({model_path}) on {device}, {torch.get_num_threads()} threads")
+    run_dir = Path(cfg.output_dir).expanduser()
+    token = auth.server_token(run_dir)
+    log(f"loading {cfg.base_model} ({model_path}) on {device}, {torch.get_num_threads()} threads; "
+        f"token in {auth.token_path(run_dir)}")
     state = load_state(model_path, max_model_len=launcher.max_model_len(cfg),
                        dtype=launcher.hf_dtype(cfg), device=device, seed=cfg.seed,
-                       max_lora_rank=rank, gguf_file=gguf_file)
-    serve(state, host, port)
+                       max_lora_rank=rank, gguf_file=gguf_file,
+                       limits=RequestLimits.from_config(cfg), load_root=run_dir)
+    serve(state, token, host, port)
     return 0
 
 
 def _serve_vllm(cfg: EbftConfig, host: str, port: int, *, print_only: bool = False) -> int:
+    """`vllm serve` as our child until it exits; a signal to us is forwarded to its process group
+    (EngineCore included), and our death, however it comes, SIGTERMs it (lifeline)."""
     import shlex
-    import subprocess
 
+    from ebft_engine import lifeline
+    from ebft_engine.rollout import auth
     from ebft_engine.rollout import vllm_launcher as launcher
 
     if port == 0:
@@ -122,13 +144,15 @@ def _serve_vllm(cfg: EbftConfig, host: str, port: int, *, print_only: bool = Fal
         print(shlex.join(argv))
         return 0
     env = launcher.vllm_env(model)
-    print(f"$ {shlex.join(argv)}", flush=True)
-    print(f"vLLM will listen on {launcher.base_url(host, port)} (GET /health answers once ready)",
-          flush=True)
-    # Own session: a signal to us is forwarded to vLLM's whole process group (EngineCore included).
-    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    env[launcher.VLLM_API_KEY_ENV] = auth.server_token(Path(cfg.output_dir).expanduser())
+    print(f"$ {shlex.join(argv)}", flush=True)  # the token is in the environment, not in argv
+    print(f"vLLM will listen on {launcher.base_url(host, port)} (GET /health answers once ready; "
+          f"the token is in {auth.token_path(Path(cfg.output_dir).expanduser())})", flush=True)
+    proc = lifeline.spawn(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum, _frame):
+        received.append(signum)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
@@ -137,6 +161,7 @@ def _serve_vllm(cfg: EbftConfig, host: str, port: int, *, print_only: bool = Fal
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         launcher.stop_server(proc, grace_s=15)
+    return 128 + received[0] if received else lifeline.exit_code(code)

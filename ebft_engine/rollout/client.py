@@ -55,7 +55,10 @@ class GenerationClient:
     """Talks to one generation server at `base_url` (e.g. `http://127.0.0.1:8000`)."""
 
     def __init__(self, base_url: str, timeouts: Timeouts | None = None, retries: int = 5,
-                 backoff_s: float = 0.5, log_path: str | None = None, max_concurrent: int = 4):
+                 backoff_s: float = 0.5, log_path: str | None = None, max_concurrent: int = 4,
+                 token: str | None = None):
+        """`token`: the run's server token, sent as `Authorization: Bearer` on every request
+        (never logged, never part of an error message)."""
         self.base_url = base_url.rstrip("/")
         parsed = urlparse(self.base_url)
         self.hostport = parsed.netloc or self.base_url
@@ -65,7 +68,8 @@ class GenerationClient:
         self.log_path = log_path
         self.max_concurrent = max(1, int(max_concurrent))
         t = self.timeouts
-        self._http = httpx.Client(base_url=self.base_url, trust_env=False,
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, trust_env=False, headers=headers,
                                   timeout=httpx.Timeout(t.control, connect=t.connect))
         self._pool: ThreadPoolExecutor | None = None
 
@@ -109,6 +113,12 @@ class GenerationClient:
                     raise ServerError(f"{method} {path} failed twice on the generation server at "
                                       f"{self.hostport} with HTTP {r.status_code}: "
                                       f"{_error_message(r)}. " + self._where())
+                elif r.status_code == 401:
+                    raise ServerError(f"{method} {path}: the generation server at {self.hostport} "
+                                      "wants this run's token and did not get it (HTTP 401). Start "
+                                      "server and trainer with `ebft run`, or give the trainer the "
+                                      "server's token: EBFT_SERVER_TOKEN, or RUN_DIR/server.token in "
+                                      "the same output_dir as the server's.")
                 elif r.status_code >= 400:
                     raise ServerError(f"{method} {path} was refused by the generation server at "
                                       f"{self.hostport} with HTTP {r.status_code}: "

@@ -4,7 +4,8 @@
 loaded, the adapters by name) and answers vLLM's requests as plain dicts: completions (token-id
 prompts, n samples each, vLLM's sampling fields and response shape), LoRA loads and unloads,
 in-place weight reloads. One request at a time holds the model (a lock). Bad requests raise
-`ApiError` with vLLM's status codes and error body.
+`ApiError` with vLLM's status codes and error body; requests over the caps of `limits` are 400,
+and adapters and weights load only from inside `load_root` (guards.py: 403 otherwise).
 """
 
 from __future__ import annotations
@@ -19,23 +20,9 @@ from typing import Any
 
 import torch
 
+from ebft_engine.rollout.guards import RequestLimits, loadable_path
 from ebft_engine.rollout.hf_sampling import sample_group
-from ebft_engine.rollout.protocol import BASE_MODEL_NAME
-
-
-class ApiError(Exception):
-    """An error answered with vLLM's body shape."""
-
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-             503: "ServiceUnavailableError"}
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
-                          "param": self.param, "code": self.status}}
+from ebft_engine.rollout.protocol import BASE_MODEL_NAME, ApiError
 
 
 @dataclass
@@ -54,6 +41,9 @@ class ServerState:
     adapters: dict[str, str] = field(default_factory=dict)
     paused: bool = False
     weight_version: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits.defaults)
+    load_root: Path | None = None
+    """The only folder adapters and weights load from (the run dir); None: none."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     rng: torch.Generator = field(default_factory=torch.Generator)
 
@@ -70,6 +60,7 @@ class ServerState:
         if name in self.adapters and not load_inplace:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to "
                                 "load the adapter in place, set 'load_inplace' to True.")
+        path = str(loadable_path(path, self.load_root, "lora_path"))
         cfg_file = Path(path) / "adapter_config.json"
         if not cfg_file.is_file():
             raise ApiError(404, f"No adapter found for {path}")
@@ -116,6 +107,7 @@ class ServerState:
         """Load a safetensors checkpoint (HF parameter names) into the base weights in place."""
         from safetensors.torch import load_file
 
+        weights_path = str(loadable_path(weights_path, self.load_root, "weights_path"))
         files = sorted(Path(weights_path).glob("*.safetensors"))
         if not files:
             raise ApiError(400, f"reload_weights: no *.safetensors files in {weights_path}")
@@ -155,6 +147,7 @@ class ServerState:
         n = _int(body, "n", 1, low=1)
         max_tokens = body.get("max_tokens")
         max_tokens = 16 if max_tokens is None else _int(body, "max_tokens", 16, low=1)
+        self.limits.check(len(prompts), n, max_tokens)
         for i, p in enumerate(prompts):
             if len(p) + max_tokens > self.max_model_len:
                 raise ApiError(400, f"'max_tokens' is too large: {max_tokens}. This model's maximum "
@@ -275,7 +268,8 @@ def _int(body: dict, key: str, default: int, low: int | None = None) -> int:
 
 def load_state(model_dir: str, *, served_name: str = BASE_MODEL_NAME, max_model_len: int | None = None,
                dtype: str = "auto", device: str = "cpu", seed: int = 0,
-               max_lora_rank: int = 64, gguf_file: str | None = None) -> ServerState:
+               max_lora_rank: int = 64, gguf_file: str | None = None,
+               limits: RequestLimits | None = None, load_root: str | Path | None = None) -> ServerState:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
@@ -290,4 +284,5 @@ def load_state(model_dir: str, *, served_name: str = BASE_MODEL_NAME, max_model_
         max_model_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     return ServerState(model=model, tokenizer=tokenizer, model_path=str(model_dir),
                        served_name=served_name, max_model_len=max_model_len, seed=seed,
-                       max_lora_rank=max_lora_rank)
+                       max_lora_rank=max_lora_rank, limits=limits or RequestLimits.defaults(),
+                       load_root=Path(load_root).expanduser().resolve() if load_root else None)

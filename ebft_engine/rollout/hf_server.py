@@ -18,9 +18,15 @@ and its adapters, request handling) with `hf_sampling.py` (the sampling loop). R
     POST /pause, /resume, /reset_prefix_cache, /update_weight_version
 
 One request at a time holds the model (a lock); `/health` never waits on it. Every request and
-every adapter load/unload is logged to stdout (the launcher sends it to server.log).
+every adapter load/unload is logged to stdout (the launcher sends it to server.log); the token
+never is.
 
-    python -m ebft_engine.rollout.hf_server --model DIR [--port 0] [--host 127.0.0.1]
+Every route but `/health` needs the run's token (`Authorization: Bearer`, auth.py); request
+bodies, samples, prompts and tokens per request are capped, and adapters and weights load only
+from inside `--load-root` (guards.py).
+
+    EBFT_SERVER_TOKEN=... python -m ebft_engine.rollout.hf_server --model DIR --load-root RUN_DIR \
+        [--port 0] [--host 127.0.0.1]
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ import time
 import torch
 from fastapi import Request  # module level: route annotations are resolved from these globals
 
-from ebft_engine.rollout.hf_engine import ApiError, ServerState, load_state
-from ebft_engine.rollout.protocol import BASE_MODEL_NAME
+from ebft_engine.rollout import auth
+from ebft_engine.rollout.guards import BodyLimit
+from ebft_engine.rollout.hf_engine import ServerState, load_state
+from ebft_engine.rollout.protocol import BASE_MODEL_NAME, ApiError
 
 
 def log(msg: str) -> None:
@@ -46,22 +54,27 @@ def log(msg: str) -> None:
 # HTTP app
 
 
-def create_app(state: ServerState):
-    """The FastAPI app serving `state`, one group of routes at a time."""
+def create_app(state: ServerState, token: str):
+    """The FastAPI app serving `state`, one group of routes at a time, behind the token check
+    (outermost: nothing is read for a caller without the token) and the body size cap."""
     from fastapi import FastAPI
 
-    app = FastAPI(title="ebft hf generation server")
+    app = FastAPI(title="ebft hf generation server", docs_url=None, redoc_url=None, openapi_url=None)
     _error_handlers(app)
     _info_routes(app, state)
     _completion_route(app, state)
     _weight_routes(app, state)
     _control_routes(app, state)
+    app.add_middleware(BodyLimit, max_bytes=state.limits.max_body_bytes)
+    app.add_middleware(auth.BearerAuth, token=token)  # added last = runs first
     return app
 
 
 async def _json(request: Request) -> dict:
     try:
         body = await request.json()
+    except ApiError:  # the body was over the size cap
+        raise
     except Exception as e:
         raise ApiError(400, f"request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
@@ -253,7 +266,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
+def serve(state: ServerState, token: str, host: str = "127.0.0.1", port: int = 0) -> None:
     """Bind, print the bound address, serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -261,8 +274,13 @@ def serve(state: ServerState, host: str = "127.0.0.1", port: int = 0) -> None:
     bound = sock.getsockname()[1]
     log(f"model {state.model_path} served as '{state.served_name}' "
         f"(max_model_len {state.max_model_len}, max_lora_rank {state.max_lora_rank})")
+    limits = state.limits
+    log(f"every route but /health needs the run's token; loads files only from "
+        f"{state.load_root or '(nowhere)'}; per request at most n={limits.max_n}, "
+        f"{limits.max_prompts} prompts, max_tokens={limits.max_tokens or 'max_model_len'}, "
+        f"{limits.max_body_bytes / 2**20:g} MiB")
     log(f"listening on http://{host}:{bound}")
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
+    config = uvicorn.Config(create_app(state, token), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
     log("stopped")
@@ -282,11 +300,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--load-root", default=None,
+                   help="the only folder adapters and weights may be loaded from (the run dir)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the token (made, mode 0600, when missing); "
+                        "$EBFT_SERVER_TOKEN wins. The token is never a command-line argument")
     return p
+
+
+def token_from(args: argparse.Namespace) -> str:
+    """$EBFT_SERVER_TOKEN, else the token file (made with a new token when missing)."""
+    token = os.environ.get(auth.TOKEN_ENV, "").strip()
+    if token:
+        return token
+    if args.token_file:
+        token = auth.read_token_file(args.token_file) or auth.new_token()
+        auth.write_token_file(args.token_file, token)
+        return token
+    raise SystemExit(f"hf server: no token. Set {auth.TOKEN_ENV} or pass --token-file "
+                     f"RUN_DIR/{auth.TOKEN_FILE}; every route but /health needs it.")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    token = token_from(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -294,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading {args.model} (dtype {args.dtype}, device {args.device})")
     state = load_state(args.model, served_name=args.served_model_name,
                        max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
-                       seed=args.seed, max_lora_rank=args.max_lora_rank, gguf_file=args.gguf_file)
-    serve(state, args.host, args.port)
+                       seed=args.seed, max_lora_rank=args.max_lora_rank, gguf_file=args.gguf_file,
+                       load_root=args.load_root)
+    serve(state, token, args.host, args.port)
     return 0
 
 

@@ -78,3 +78,20 @@ class Completion:
     @property
     def policy_version(self) -> int:
         return policy_version(self.model)
+
+
+class ApiError(Exception):
+    """An error our server answers with vLLM's body shape
+    (`{"error": {"message", "type", "param", "code"}}`)."""
+
+    TYPES = {400: "BadRequestError", 401: "UnauthorizedError", 403: "ForbiddenError",
+             404: "NotFoundError", 413: "RequestTooLargeError", 500: "InternalServerError",
+             503: "ServiceUnavailableError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
+                          "param": self.param, "code": self.status}}

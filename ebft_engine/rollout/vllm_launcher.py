@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ebft_engine import lifeline
 from ebft_engine.config import LOOPBACK, EbftConfig
 from ebft_engine.rollout.client import GenerationClient, ServerError, _log_tail
 from ebft_engine.rollout.protocol import BASE_MODEL_NAME
@@ -30,6 +31,8 @@ DEFAULT_MAX_LORAS = 4
 """Adapters resident at once: the current policy, the previous one still used by an in-flight
 async batch, and slack for the unload that follows a load."""
 ALL_INTERFACES = ("0.0.0.0", "::", "[::]")
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+"""vLLM reads its `--api-key` from here too; the environment, unlike argv, is private to the user."""
 
 
 def server_bind_host(cfg: EbftConfig) -> str:
@@ -143,7 +146,8 @@ def vllm_env(model_path: str, base_env: dict[str, str] | None = None) -> dict[st
 
 def hf_serve_argv(cfg: EbftConfig, port: int, host: str = LOOPBACK, model_path: str | None = None,
                   python: str | None = None) -> list[str]:
-    """Our transformers server for a config (`vllm.backend: hf`)."""
+    """Our transformers server for a config (`vllm.backend: hf`); it loads files only from
+    output_dir and takes its token from $EBFT_SERVER_TOKEN (give it in the spawn's env)."""
     gguf_file = None
     if model_path is None:
         model_path, gguf_file = resolve_model_source(cfg)
@@ -151,7 +155,7 @@ def hf_serve_argv(cfg: EbftConfig, port: int, host: str = LOOPBACK, model_path: 
             str(model_path), "--host", host, "--port", str(int(port)),
             "--served-model-name", BASE_MODEL_NAME, "--max-model-len", str(max_model_len(cfg)),
             "--seed", str(cfg.seed), "--device", "auto",
-            "--dtype", hf_dtype(cfg)]
+            "--dtype", hf_dtype(cfg), "--load-root", str(Path(cfg.output_dir).expanduser())]
     if gguf_file:
         argv += ["--gguf-file", gguf_file]
     if uses_lora(cfg):
@@ -199,14 +203,15 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def spawn_server(argv: Sequence[str], env: dict[str, str] | None, log_path: str | os.PathLike,
                  cwd: str | None = None) -> subprocess.Popen:
-    """Start the server in its own session, stdout+stderr appended to `log_path`, no stdin."""
+    """Start the server in its own session, stdout+stderr appended to `log_path`, no stdin; it
+    gets SIGTERM the moment this process dies (`lifeline.spawn`)."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(argv)}\n".encode())
         log.flush()
-        return subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+        return lifeline.spawn(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 600.0,

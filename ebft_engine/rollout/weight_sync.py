@@ -62,6 +62,7 @@ def lora_sync_problems(model, max_lora_rank: int | None = None) -> list[str]:
 def _atomic_save(save, sync_dir: Path, tmp_name: str, final_name: str) -> Path:
     """Run `save(tmp_dir)` then move the folder that holds the files into place atomically."""
     sync_dir.mkdir(parents=True, exist_ok=True)
+    sync_dir = sync_dir.resolve()  # the server checks an absolute path against its run dir
     tmp = sync_dir / tmp_name
     final = sync_dir / final_name
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,8 +2,9 @@
 fits this run, and how trained weights reach it (vllm-integration.md §7).
 
 The server is started separately (`ebft serve`, or by `ebft run`); the trainer finds it at
-$EBFT_SERVER_URL or `trl.vllm_server_host`/`trl.vllm_server_port`, waits for `GET /health`, and
-refuses one whose log-probs or LoRA limits do not fit this run.
+$EBFT_SERVER_URL or `trl.vllm_server_host`/`trl.vllm_server_port`, authenticates with the run's
+token ($EBFT_SERVER_TOKEN, else `output_dir/server.token`: rollout/auth.py), waits for
+`GET /health`, and refuses one whose log-probs or LoRA limits do not fit this run.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def server_url(cfg: EbftConfig) -> str:
 
 def connect(cfg: EbftConfig, client: Any = None) -> Server:
     """Wait for the server (up to `trl.vllm_server_timeout`) and read what it serves."""
+    from ebft_engine.rollout import auth
     from ebft_engine.rollout import vllm_launcher as launcher
     from ebft_engine.rollout.client import GenerationClient, Timeouts
 
@@ -52,7 +54,8 @@ def connect(cfg: EbftConfig, client: Any = None) -> Server:
     timeout_s = float(cfg.trl.vllm_server_timeout)
     if client is None:
         client = GenerationClient(url, Timeouts(read_cap=max(900.0, timeout_s)),
-                                  log_path=os.environ.get("EBFT_SERVER_LOG"))
+                                  log_path=os.environ.get("EBFT_SERVER_LOG"),
+                                  token=auth.client_token(Path(cfg.output_dir).expanduser()))
     waited = client.wait_for_health(timeout=timeout_s)
     base_name = client.base_model_name()
     max_model_len = client.max_model_len() or launcher.max_model_len(cfg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import socket
 import sys
@@ -195,7 +196,11 @@ def build_plan(
             port = new
         trl["vllm_server_port"] = port
         timeout = float(trl.get("vllm_server_timeout") or DEFAULT_READY_TIMEOUT_S)
-        server_env = dict(base_env, CUDA_VISIBLE_DEVICES=str(chosen[0]) if chosen else "")
+        # The run's server token (docs/security.md): to server and trainer through their
+        # environments only; env.json redacts it, command.txt and the screens never show env.
+        token = secrets.token_urlsafe(32)
+        server_env = dict(base_env, CUDA_VISIBLE_DEVICES=str(chosen[0]) if chosen else "",
+                          EBFT_SERVER_TOKEN=token)
         processes.append(ProcessSpec(
             name="server",
             argv=engine.engine_argv("serve", str(rd.config), "--port", str(port)),
@@ -208,7 +213,7 @@ def build_plan(
         trainer_gpu = chosen[1] if len(chosen) > 1 else (chosen[0] if chosen else None)
         trainer_env = dict(base_env, CUDA_VISIBLE_DEVICES="" if trainer_gpu is None else str(trainer_gpu),
                            # the trainer's client errors quote the end of the server's log
-                           EBFT_SERVER_LOG=str(rd.server_log))
+                           EBFT_SERVER_LOG=str(rd.server_log), EBFT_SERVER_TOKEN=token)
     else:
         trainer_env = dict(base_env)
     processes.append(ProcessSpec(

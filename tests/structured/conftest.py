@@ -19,11 +19,16 @@ sys.path.insert(0, str(HERE))
 from tinymodel import save_tiny_model_dir  # noqa: E402
 
 
+TOKEN = "test-token-" + "x" * 32
+"""The server token of the hf servers these tests start (their clients send it)."""
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    env["EBFT_SERVER_TOKEN"] = TOKEN
     return env
 
 
@@ -42,15 +47,24 @@ def wait_for_line(log_path: Path, pattern: str, proc: subprocess.Popen, timeout:
     raise TimeoutError(f"{pattern!r} not in {log_path} after {timeout}s")
 
 
-def start_hf_server(model_dir: Path, log_path: Path, *extra: str):
-    """Our hf server on 127.0.0.1, port 0; returns (proc, base_url) once it listens."""
+def start_hf_server(model_dir: Path, log_path: Path, *extra: str, load_root: Path | None = None):
+    """Our hf server on 127.0.0.1, port 0, token TOKEN, loading files from `load_root` (default:
+    the log's folder, the test's tmp_path); returns (proc, base_url) once it listens."""
     from ebft_engine.rollout.vllm_launcher import spawn_server
 
     argv = [sys.executable, "-m", "ebft_engine.rollout.hf_server", "--model", str(model_dir),
-            "--host", "127.0.0.1", "--port", "0", "--threads", "1", *extra]
+            "--host", "127.0.0.1", "--port", "0", "--threads", "1",
+            "--load-root", str(load_root or log_path.parent), *extra]
     proc = spawn_server(argv, child_env(), log_path, cwd=str(REPO))
     m = wait_for_line(log_path, r"listening on http://127\.0\.0\.1:(\d+)", proc)
     return proc, f"http://127.0.0.1:{m.group(1)}"
+
+
+@pytest.fixture(autouse=True)
+def server_token(monkeypatch):
+    """Trainers in this process authenticate to the servers above (as `ebft run` arranges)."""
+    monkeypatch.setenv("EBFT_SERVER_TOKEN", TOKEN)
+    return TOKEN
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +78,7 @@ def hf_server(tiny_model_dir, tmp_path_factory):
     from ebft_engine.rollout.vllm_launcher import stop_server
 
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    proc, url = start_hf_server(tiny_model_dir, log_path)
+    proc, url = start_hf_server(tiny_model_dir, log_path, load_root=tmp_path_factory.getbasetemp())
     yield url, log_path
     stop_server(proc, grace_s=5)
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 
-from conftest import records, start_fake, start_hf_server
+from conftest import TOKEN, records, start_fake, start_hf_server
 from ebft_engine.rollout.capabilities import check_server_config
 from ebft_engine.rollout.client import GenerationClient
 from ebft_engine.rollout.vllm_launcher import stop_server
@@ -68,7 +68,7 @@ def test_the_stepper_refuses_a_hand_started_vllm_with_raw_logprobs(tiny_model_di
     info = json.dumps(started_by_hand(logprobs_mode="raw_logprobs", dtype="torch.float32"))
     proc, url, record, _ = start_fake(tmp_path, "ok", "--server-info", info)
     try:
-        assert GenerationClient(url).server_config()["model_config"]["logprobs_mode"] == "raw_logprobs"
+        assert GenerationClient(url, token=TOKEN).server_config()["model_config"]["logprobs_mode"] == "raw_logprobs"
         cfg = structured_config(tiny_model_dir, int(url.rsplit(":", 1)[1]), tmp_path / "run")
         model, tok, dev, dt = build(cfg)
         with pytest.raises(StructuredError) as e:
@@ -82,7 +82,7 @@ def test_the_stepper_refuses_a_hand_started_vllm_with_raw_logprobs(tiny_model_di
 def test_our_hf_server_describes_itself_and_passes(tiny_model_dir, tmp_path):
     proc, url = start_hf_server(tiny_model_dir, tmp_path / "server.log")
     try:
-        info = GenerationClient(url).server_config()
+        info = GenerationClient(url, token=TOKEN).server_config()
         assert info["model_config"]["logprobs_mode"] == "processed_logprobs"
         cfg = structured_config(tiny_model_dir, int(url.rsplit(":", 1)[1]), tmp_path / "run")
         model, tok, dev, dt = build(cfg)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, child_env, wait_for_line
+from conftest import REPO, TOKEN, child_env, wait_for_line
 from ebft_engine.rollout.vllm_launcher import free_port, stop_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -53,7 +53,8 @@ def test_serve_hf_backend(tiny_model_dir, tmp_path):
         m = wait_for_line(log, r"listening on http://127\.0\.0\.1:(\d+)", proc)
         url = f"http://127.0.0.1:{m.group(1)}"
         assert httpx.get(url + "/health", timeout=10).status_code == 200
-        models = httpx.get(url + "/v1/models", timeout=10).json()["data"]
+        models = httpx.get(url + "/v1/models", timeout=10,
+                           headers={"Authorization": f"Bearer {TOKEN}"}).json()["data"]
         assert models[0]["id"] == "ebft-base" and models[0]["max_model_len"] == 64 + 8
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(20) is not None

@@ -5,9 +5,12 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from conftest import TOKEN
 from ebft_engine.rollout.client import GenerationClient, ServerError
 from ebft_engine.rollout.protocol import BASE_MODEL_NAME
 from tinymodel import END, hf_logprobs, make_tiny_model
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -16,7 +19,7 @@ PROMPTS = [[1, 10, 11, 12, 13], [1, 40, 41], [1, 50, 51, 52, 53, 54, 55]]
 
 def test_health_and_models(hf_server):
     url, _ = hf_server
-    client = GenerationClient(url)
+    client = GenerationClient(url, token=TOKEN)
     assert client.health()
     assert client.wait_for_health(timeout=120) >= 0.0  # returns (the seconds it took) once healthy
     models = client.models()
@@ -28,7 +31,7 @@ def test_health_and_models(hf_server):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_completions_grouping_and_exact_logprobs(hf_server, temperature):
     url, _ = hf_server
-    client = GenerationClient(url)
+    client = GenerationClient(url, token=TOKEN)
     n = 3
     comps = client.completions(PROMPTS, n=n, max_tokens=12, temperature=temperature, seed=7)
     assert len(comps) == len(PROMPTS) * n
@@ -48,14 +51,14 @@ def test_completions_grouping_and_exact_logprobs(hf_server, temperature):
 
 
 def test_seed_makes_requests_reproducible(hf_server):
-    client = GenerationClient(hf_server[0])
+    client = GenerationClient(hf_server[0], token=TOKEN)
     a = client.completions(PROMPTS[:1], n=2, max_tokens=6, seed=123)
     b = client.completions(PROMPTS[:1], n=2, max_tokens=6, seed=123)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
 
 
 def test_per_prompt_max_tokens(hf_server):
-    client = GenerationClient(hf_server[0])
+    client = GenerationClient(hf_server[0], token=TOKEN)
     comps = client.completions(PROMPTS, n=2, max_tokens=[3, 5, 3], stop_token_ids=[],
                                seed=1)
     for c in comps:
@@ -64,7 +67,7 @@ def test_per_prompt_max_tokens(hf_server):
 
 def test_stop_token_ids_honoured(hf_server):
     """Make every token a stop token but one: generation must stop at the first sampled stop id."""
-    client = GenerationClient(hf_server[0])
+    client = GenerationClient(hf_server[0], token=TOKEN)
     stops = list(range(0, 60))
     comps = client.completions(PROMPTS, n=4, max_tokens=20, stop_token_ids=stops, seed=3)
     stopped = [c for c in comps if c.finish_reason == "stop"]
@@ -82,43 +85,44 @@ def test_eos_stops_unless_ignored(hf_server):
     body = {"model": BASE_MODEL_NAME, "prompt": [PROMPTS[0]], "n": 8, "max_tokens": 30,
             "temperature": 1.0, "seed": 5, "logprobs": 0, "return_token_ids": True,
             "return_tokens_as_token_ids": True, "ignore_eos": True}
-    r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60, headers=AUTH).json()
     assert all(len(c["token_ids"]) == 30 for c in r["choices"])
     assert r["choices"][0]["logprobs"]["tokens"][0].startswith("token_id:")
     assert r["choices"][0]["prompt_token_ids"] == PROMPTS[0]
     assert all(c["index"] == i for i, c in enumerate(r["choices"]))
     del body["ignore_eos"]
-    r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60, headers=AUTH).json()
     for c in r["choices"]:
         assert END not in c["token_ids"][:-1]
 
 
-def test_errors_have_vllm_shape(hf_server):
+def test_errors_have_vllm_shape(hf_server, tmp_path):
     url, _ = hf_server
-    r = httpx.post(url + "/v1/completions", timeout=30,
+    r = httpx.post(url + "/v1/completions", timeout=30, headers=AUTH,
                    json={"model": BASE_MODEL_NAME, "prompt": [PROMPTS[0]], "max_tokens": 600})
     assert r.status_code == 400
     err = r.json()["error"]
     assert "max_model_len" in err["message"] and err["code"] == 400
     assert err["type"] == "BadRequestError"
-    r = httpx.post(url + "/v1/completions", timeout=30,
+    r = httpx.post(url + "/v1/completions", timeout=30, headers=AUTH,
                    json={"model": "no-such-model", "prompt": [PROMPTS[0]], "max_tokens": 4})
     assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
     # through the client: a 4xx is an immediate ServerError quoting the server's message
-    client = GenerationClient(url)
+    client = GenerationClient(url, token=TOKEN)
     with pytest.raises(ServerError, match="max_model_len"):
         client.completions([PROMPTS[0]], n=1, max_tokens=600)
     with pytest.raises(ServerError, match="does not exist"):
         client.completions([PROMPTS[0]], n=1, max_tokens=4, model="no-such-model")
-    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "nope"}, timeout=30)
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "nope"}, timeout=30,
+                   headers=AUTH)
     assert r.status_code == 404
-    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nope"},
-                   timeout=30)
+    r = httpx.post(url + "/v1/load_lora_adapter", timeout=30, headers=AUTH,
+                   json={"lora_name": "x", "lora_path": str(tmp_path / "nope")})
     assert r.status_code == 404 and "No adapter found" in r.json()["error"]["message"]
 
 
 def test_requests_are_logged(hf_server):
     url, log_path = hf_server
-    GenerationClient(url).completions([PROMPTS[1]], n=1, max_tokens=2)
+    GenerationClient(url, token=TOKEN).completions([PROMPTS[1]], n=1, max_tokens=2)
     assert "POST /v1/completions model=ebft-base prompts=1 n=1 max_tokens=2 -> 200" in \
         log_path.read_text()

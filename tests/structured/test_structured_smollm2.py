@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import start_hf_server
+from conftest import TOKEN, start_hf_server
 from ebft_engine.rollout.client import GenerationClient
 from ebft_engine.rollout.vllm_launcher import stop_server
 from ebft_engine.rollout.weight_sync import LoRASync
@@ -23,7 +23,7 @@ def test_smollm2_served_logprobs_and_lora_sync(smollm2_dir, tmp_path):
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     proc, url = start_hf_server(smollm2_dir, tmp_path / "server.log", "--dtype", "float32")
     try:
-        client = GenerationClient(url)
+        client = GenerationClient(url, token=TOKEN)
         comps = client.completions([ids], n=2, max_tokens=12, temperature=0.7, seed=1,
                                    stop_token_ids=[tok.convert_tokens_to_ids("<|im_end|>")])
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import start_hf_server
+from conftest import TOKEN, start_hf_server
 from ebft_engine.rollout.client import GenerationClient, ServerError
 from ebft_engine.rollout.protocol import BASE_MODEL_NAME, policy_name
 from ebft_engine.rollout.vllm_launcher import stop_server
@@ -43,7 +43,7 @@ def max_diff(a, b):
 
 def test_lora_sync_changes_served_logprobs_and_unloads_old(hf_server, tmp_path):
     url, log_path = hf_server
-    client = GenerationClient(url, log_path=str(log_path))
+    client = GenerationClient(url, log_path=str(log_path), token=TOKEN)
     peft_model = make_peft()
     peft_model.eval()
     assert lora_sync_problems(peft_model, max_lora_rank=64) == []
@@ -106,7 +106,7 @@ def test_lora_sync_refuses_unservable_adapters():
 def test_full_sync_reloads_weights(tiny_model_dir, tmp_path):
     proc, url = start_hf_server(tiny_model_dir, tmp_path / "server.log")
     try:
-        client = GenerationClient(url)
+        client = GenerationClient(url, token=TOKEN)
         model = make_tiny_model()
         new = copy.deepcopy(model)
         with torch.no_grad():
@@ -129,7 +129,7 @@ def test_full_sync_of_a_lora_model_serves_a_merged_copy(tiny_model_dir, tmp_path
     """LoRA without vllm_lora_sync: the server gets base + delta; the trainer's base is untouched."""
     proc, url = start_hf_server(tiny_model_dir, tmp_path / "server.log")
     try:
-        client = GenerationClient(url)
+        client = GenerationClient(url, token=TOKEN)
         peft_model = make_peft(seed=5)
         peft_model.eval()
         before = {k: v.clone() for k, v in peft_model.get_base_model().state_dict().items()

@@ -1,7 +1,11 @@
 """Opt-in: the same client against a real `vllm serve` (see docs/structured.md).
 
     EBFT_VLLM_URL=http://127.0.0.1:8765 [EBFT_VLLM_MODEL_DIR=/path/to/the/served/folder]
-    [EBFT_VLLM_LORA=1] [EBFT_VLLM_TOL=3e-2] python -m pytest -m vllm tests/structured
+    [EBFT_VLLM_LORA=1] [EBFT_VLLM_TOL=3e-2] [EBFT_SERVER_TOKEN=$(cat RUN_DIR/server.token)] \
+    python -m pytest -m vllm tests/structured
+
+A server started by `ebft serve` wants its run's token (EBFT_SERVER_TOKEN); the test then also
+checks that vLLM refuses `/v1/*` without it.
 
 EBFT_VLLM_MODEL_DIR lets the test recompute the log-probs with transformers (fp32) and publish a
 LoRA adapter (with EBFT_VLLM_LORA=1; the server needs --enable-lora and
@@ -18,6 +22,7 @@ from ebft_engine.rollout.client import GenerationClient, ServerError
 from tinymodel import hf_logprobs, with_random_lora
 
 URL = os.environ.get("EBFT_VLLM_URL")
+TOKEN = os.environ.get("EBFT_SERVER_TOKEN")
 MODEL_DIR = os.environ.get("EBFT_VLLM_MODEL_DIR")
 TOL = float(os.environ.get("EBFT_VLLM_TOL", "3e-2"))
 
@@ -39,8 +44,11 @@ def _model_and_prompts():
 
 
 def test_real_vllm_contract(tmp_path):
-    client = GenerationClient(URL)
+    client = GenerationClient(URL, token=TOKEN)
     client.wait_for_health(timeout=120)
+    if TOKEN:  # vLLM's --api-key (VLLM_API_KEY) guards /v1/*
+        with pytest.raises(ServerError, match="401"):
+            GenerationClient(URL, retries=0).models()
     base = client.base_model_name()
     model, prompts = _model_and_prompts()
     comps = client.completions(prompts, n=3, max_tokens=12, temperature=0.7, seed=1, model=base)
