@@ -26,7 +26,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ebft_tui import __version__
-from ebft_tui.engine import ConfigInvalid, EngineError, engine_argv, engine_env, validate as engine_validate
+from ebft_tui.engine import (ConfigInvalid, EngineError, engine_argv, engine_env, explain_key,
+                             validate as engine_validate)
 from ebft_tui.overrides import OverrideError, parse_overrides, split_args
 from ebft_tui.presets import PresetNotFound, complete_preset, list_presets, resolve_preset
 from ebft_tui.runs.plan import PlanError
@@ -191,12 +192,28 @@ def cp_cmd(
 
 
 @app.command("validate")
-def validate_cmd(config: PresetArg, overrides: OverridesArg = None) -> None:
+def validate_cmd(
+    config: Annotated[Optional[str], typer.Argument(help="Preset name (see `ebft ls`) or a YAML file path.",
+                                                    autocompletion=complete_preset, show_default=False)] = None,
+    overrides: OverridesArg = None,
+    explain: Annotated[Optional[str], typer.Option(
+        "--explain", metavar="KEY", help="Say what ebft does with one key of an axolotl config "
+                                         "(honoured, mapped, inert or refused, and why); no CONFIG needed.")] = None,
+) -> None:
     """Check a config and overrides; print the resolved config or every problem (exit 2).
 
-    [dim]Example: ebft validate my-run.yaml max_steps=5[/dim]
+    [dim]Examples: ebft validate my-run.yaml max_steps=5 | ebft validate --explain save_strategy[/dim]
     """
     with user_errors():
+        if explain is not None:
+            rc, text, error = explain_key(explain)
+            if text.strip():
+                out.print(escape(text.rstrip()))
+            if rc:
+                err.print(f"[red]error:[/red] {escape(error.strip())}")
+            raise typer.Exit(rc)
+        if config is None:
+            raise UserError("give a CONFIG (a preset name or a YAML file), or --explain KEY")
         path = resolve_preset(config)
         items = _check_overrides(list(overrides or []))
         res = engine_validate(path, items)

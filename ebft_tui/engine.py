@@ -123,6 +123,19 @@ def validate(
     return _parse_validate_output(proc)
 
 
+def explain_key(key: str, timeout_s: float = VALIDATE_TIMEOUT_S) -> tuple[int, str, str]:
+    """`python -m ebft_engine validate --explain KEY`: (exit code, the key's row, the error text)."""
+    argv = engine_argv("validate", "--explain", key)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
+                              env=engine_env())
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"`ebft_engine validate --explain` took more than {timeout_s:.0f} s") from None
+    except OSError as e:
+        raise EngineError(f"cannot run the engine: {e}") from None
+    return proc.returncode, proc.stdout, proc.stderr
+
+
 def validate_dict(cfg: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> ValidationResult:
     """Validate an in-memory config (the TUI's editor) through a temporary YAML file."""
     with tempfile.TemporaryDirectory(prefix="ebft-validate-") as tmp:
