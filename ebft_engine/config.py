@@ -9,8 +9,10 @@ the YAML keys: `cfg.ebft.stride`, `cfg.trl.num_generations`, `cfg.micro_batch_si
 
 `load_config` checks everything before any model or dataset is loaded, without torch or the network,
 and reports every problem at once (decisions.md §3) as a `ConfigError` whose `.problems` each name
-their key and say what to do. Unknown keys suggest the closest known one; keys that mean nothing to
-ebft (`ddp`, `vllm.serve_module`, ...) only warn; an empty value means "unset". Warnings (ignored
+their key and say what to do. A key this schema does not model is settled by its row of the axolotl
+table (`compat.py`, `axolotl_keys.yaml`): mapped keys move to the key they mean (`bfloat16: true` ->
+`bf16: true`), inert ones (`ddp`, `vllm.serve_module`, ...) only warn, refused ones are problems;
+a key in neither suggests the closest known one. An empty value means "unset". Warnings (ignored
 keys, automatic fallbacks, keys without effect in the chosen mode) land on `cfg.warnings`.
 
 Resolution done here, so every consumer sees one meaning:
@@ -19,7 +21,10 @@ Resolution done here, so every consumer sees one meaning:
   `diversity_coef` to 0 (with a warning);
 - `trl.use_vllm: false` selects `vllm.backend: hf`;
 - `adapter: lora` with no target keys sets `lora_target_linear: true`;
-- an unset `output_dir` becomes `./outputs/ebft-<model>-<mode>`.
+- an unset `output_dir` becomes `./outputs/ebft-<model>-<mode>`;
+- axolotl's `batch_size`, `saves_per_epoch`, `evals_per_epoch` become gradient_accumulation_steps,
+  save_steps and eval_steps (fractions of the run), as axolotl computes them, and are cleared;
+- `save_strategy: steps` / `eval_strategy: steps` without an interval take transformers' defaults.
 `bf16: auto` stays "auto" (the modeling code resolves it per device), and
 `cfg.vllm.effective_executable()` applies the EBFT_VLLM_EXECUTABLE override at launch time.
 
@@ -1277,8 +1282,8 @@ def _best_metric_is_an_eval_number(cfg: EbftConfig, found: _Findings) -> None:
         return
     if best_metric_key(name) is None:
         found.bad("metric_for_best_model", f"`metric_for_best_model: {name}` is not a number ebft's evals "
-                                           "measure. Use eval_loss (validation CE), cfm_loss, alignment or "
-                                           "pass@1.")
+                                           "measure. Use `eval_loss` (validation CE), `cfm_loss`, "
+                                           "`alignment` or `pass@1`.")
     elif not cfg.early_stopping_patience:
         found.warn("`metric_for_best_model` is read by early stopping only, and `early_stopping_patience` "
                    "is not set.")
@@ -1328,7 +1333,7 @@ def _lora_keys_need_an_adapter(cfg: EbftConfig, found: _Findings) -> None:
     changed = _changed(cfg, _LORA_KEYS)
     if cfg.adapter is None and changed:
         keys = ", ".join(f"`{k}`" for k in changed)
-        found.bad(changed[0], f"{keys} set without `adapter`: without it the whole model is fine-tuned and the "
+        found.bad("adapter", f"{keys} set without `adapter`: without it the whole model is fine-tuned and the "
                               "LoRA settings do nothing. Add `adapter: lora`, or remove them for full "
                               "fine-tuning.")
 

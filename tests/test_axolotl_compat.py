@@ -209,3 +209,80 @@ def test_the_doc_is_generated_from_the_table():
     assert doc == render_markdown(ebft_only_keys()), "run: python scripts/axolotl_compat.py --write"
     for row in ROWS:
         assert f"| `{row.key}` | {row.cls} |" in doc, row.key
+
+
+# -- axolotl's cross-key rules, enforced the same way (each message names both keys) ------------
+
+
+def problems(tmp_path, capsys, **keys) -> dict[str, str]:
+    code, doc = validate_json(tmp_path, _merge(BASE, keys), capsys)
+    assert code == (2 if doc["problems"] else 0)
+    return {p["key"]: p["message"] for p in doc["problems"]}
+
+
+def test_save_strategy_steps_with_save_steps_validates(tmp_path, capsys):
+    code, doc = validate_json(tmp_path, _merge(BASE, {"save_strategy": "steps", "save_steps": 50}), capsys)
+    assert code == 0 and doc["config"]["save_steps"] == 50 and doc["config"]["save_strategy"] == "steps"
+
+
+def test_save_strategy_no_with_save_steps_is_refused_naming_both(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(BASE) + "save_strategy: no\nsave_steps: 50\n")  # unquoted: YAML's false
+    args = argparse.Namespace(config=str(path), overrides=[], json=True, write_resolved=None, explain=None)
+    capsys.readouterr()
+    assert validate_command.run(args) == 2
+    (problem,) = json.loads(capsys.readouterr().out)["problems"]
+    assert "`save_strategy: no`" in problem["message"] and "`save_steps: 50`" in problem["message"]
+
+
+def test_a_strategy_without_its_interval_takes_the_transformers_default(tmp_path, capsys):
+    code, doc = validate_json(tmp_path, _merge(BASE, {"save_strategy": "steps", "eval_strategy": "steps",
+                                                      "logging_steps": 5, "val_set_size": 0.1}), capsys)
+    assert code == 0 and doc["config"]["save_steps"] == 500 and doc["config"]["eval_steps"] == 5
+    assert any("`save_strategy: steps` without `save_steps`" in w for w in doc["warnings"])
+
+
+@pytest.mark.parametrize("keys, key, named", [
+    ({"eval_strategy": "epoch", "eval_steps": 5, "val_set_size": 0.1}, "eval_strategy", ["eval_steps"]),
+    ({"eval_steps": 5}, "eval_steps", ["val_set_size", "test_datasets"]),
+    ({"val_set_size": 0.1, "test_datasets": [{"path": "held.jsonl"}]}, "val_set_size", ["test_datasets"]),
+    ({"early_stopping_patience": 3}, "early_stopping_patience", ["eval_steps"]),
+    ({"saves_per_epoch": 2, "save_steps": 5}, "saves_per_epoch", ["save_steps"]),
+    ({"evals_per_epoch": 2, "eval_steps": 5, "val_set_size": 0.1}, "evals_per_epoch", ["eval_steps"]),
+    ({"batch_size": 8, "gradient_accumulation_steps": 2}, "batch_size", ["gradient_accumulation_steps"]),
+    ({"batch_size": 7}, "batch_size", ["micro_batch_size"]),
+    ({"torch_dtype": "float32", "bf16": True}, "torch_dtype", ["bf16"]),
+    ({"bf16": True, "fp16": True}, "fp16", ["bf16"]),
+    ({"warmup_steps": 2, "warmup_ratio": 0.1}, "warmup_ratio", ["warmup_steps"]),
+    ({"lora_r": 8}, "adapter", ["lora_r"]),
+    ({"eval_pass_at_1": True}, "eval_pass_at_1", ["test_datasets"]),
+    ({"save_strategy": "best"}, "save_strategy", ["save_steps", "eval_steps"]),
+    ({"save_steps": 2.5}, "save_steps", []),
+    ({"metric_for_best_model": "bleu"}, "metric_for_best_model", ["eval_loss", "cfm_loss"]),
+])
+def test_cross_key_rules_name_both_keys(tmp_path, capsys, keys, key, named):
+    found = problems(tmp_path, capsys, **keys)
+    assert key in found, found
+    for other in [key, *named]:
+        assert f"`{other}" in found[key], (other, found[key])
+
+
+def test_per_epoch_counts_and_batch_size_become_ebft_keys(tmp_path, capsys):
+    code, doc = validate_json(tmp_path, _merge(BASE, {"saves_per_epoch": 2, "num_epochs": 2, "evals_per_epoch": 4,
+                                                      "val_set_size": 0.1, "batch_size": 16}), capsys)
+    assert code == 0, doc["problems"]
+    c = doc["config"]
+    assert (c["save_steps"], c["eval_steps"], c["saves_per_epoch"], c["evals_per_epoch"]) == (0.25, 0.125, None, None)
+    assert (c["gradient_accumulation_steps"], c["batch_size"]) == (4, None)
+
+
+def test_the_resolved_config_reads_back_as_itself(tmp_path):
+    from ebft_engine.config import load_config
+
+    cfg = load_config(_merge(BASE, {"saves_per_epoch": 2, "eval_strategy": "steps", "val_set_size": 0.1,
+                                    "batch_size": 8, "bfloat16": True, "vllm": {"port": 8001},
+                                    "early_stopping_patience": 2, "metric_for_best_model": "cfm_loss",
+                                    "save_strategy": "steps", "tf32": "auto"}))
+    again = load_config(yaml.safe_load(cfg.to_yaml()))
+    assert again.to_dict() == cfg.to_dict()
+    assert (cfg.bf16, cfg.trl.vllm_server_port, cfg.best_metric) == (True, 8001, ("eval/cfm_loss", False))
