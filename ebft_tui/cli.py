@@ -30,7 +30,7 @@ from ebft_tui import __version__
 from ebft_tui.engine import ConfigInvalid, EngineError, engine_argv, engine_env, validate as engine_validate
 from ebft_tui.overrides import OverrideError, parse_overrides, split_args
 from ebft_tui.presets import PresetNotFound, complete_preset, list_presets, resolve_preset
-from ebft_tui.runs.lifeline import exit_code, guard_argv
+from ebft_tui.runs.lifeline import Lifeline, exit_code
 from ebft_tui.runs.lock import RunDirLocked
 from ebft_tui.runs.plan import PlanError
 
@@ -108,8 +108,9 @@ def _run_engine(argv: list[str], death_signal: int = signal.SIGKILL) -> int:
 
     Ctrl+C reaches it directly (same process group), so we wait for it to finish its own graceful
     stop. If this process dies (SIGKILL, OOM), the child gets `death_signal` at once (lifeline)."""
+    lifeline = Lifeline()
     try:
-        proc = subprocess.Popen(guard_argv(argv, death_signal), env=engine_env())
+        proc = subprocess.Popen(lifeline.argv(argv, death_signal), env=engine_env(), pass_fds=lifeline.pass_fds)
     except OSError as e:
         raise UserError(f"cannot run the engine ({argv[0]}): {e}") from None
     while True:

@@ -127,7 +127,7 @@ class MetricHistory:
             self.last_ts = ts
         event = record.get("event", "metrics")
         step = record.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
+        if isinstance(step, int) and not isinstance(step, bool) and event != "phase":  # a phase's step is in progress
             # metrics/status say where the run is (a resumed run may restart lower); others only advance it.
             if self.step is None or event in ("metrics", "status"):
                 self.step = step

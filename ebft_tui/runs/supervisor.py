@@ -18,8 +18,9 @@ from the event-loop thread. Rules (shared/notes/tui-conventions.md §6):
 - RUN_DIR/state.json records pids, states, exit codes and stopped-by-user vs crashed;
 - launcher death: the launcher's own SIGTERM/SIGHUP handlers call `stop()` (headless mode, the
   app); an atexit fallback kills every live group synchronously; against SIGKILL of the launcher
-  each child is started through `lifeline.guard_argv` (PR_SET_PDEATHSIG: the trainer gets SIGKILL,
-  the server SIGTERM, which it forwards to vLLM's group), and the children's `EBFT_PARENT_PID`
+  each child is started through the lifeline shim (runs/lifeline.py): PR_SET_PDEATHSIG (the trainer
+  gets SIGKILL, the server SIGTERM, which it forwards to vLLM's group) and a guard that signals
+  the child's whole group when our lifeline pipe closes; the children's `EBFT_PARENT_PID`
   watchdog stays as the fallback.
 """
 
@@ -39,7 +40,7 @@ from typing import Callable, Literal
 import psutil
 
 from ebft_tui.runs.layout import RunDir
-from ebft_tui.runs.lifeline import exit_code, guard_argv
+from ebft_tui.runs.lifeline import Lifeline, exit_code
 from ebft_tui.runs.plan import LaunchPlan, ProcessSpec
 from ebft_tui.runs.readiness import ReadinessError, wait_ready
 from ebft_tui.runs.tail import tail_lines
@@ -192,6 +193,7 @@ class Supervisor:
             p.name: ProcState(p.name, None, None, "starting") for p in plan.processes
         }
         self._watchers: dict[str, asyncio.Task] = {}
+        self.lifeline = Lifeline()  # held for our lifetime: its guards take each group down with us
         # pgids not yet seen empty; only these are ever signalled (a pid, once free, can be reused)
         self._groups: set[int] = set()
         self._stop_lock: asyncio.Lock | None = None
@@ -325,7 +327,8 @@ class Supervisor:
             logf.write(f"[ebft {stamp}] starting {spec.name}: {shlex.join(spec.argv)}\n".encode())
             logf.flush()
             proc = await asyncio.create_subprocess_exec(
-                *guard_argv(spec.argv, spec.death_signal),
+                *self.lifeline.argv(spec.argv, spec.death_signal, self.stop_grace_s),
+                pass_fds=self.lifeline.pass_fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=asyncio.subprocess.STDOUT,

@@ -57,19 +57,33 @@ def test_cat_resolved_applies_overrides():
     assert cfg["max_steps"] == 3 and cfg["ebft"]["mode"] == "strided"
 
 
-def test_cp_copies_and_respects_no_clobber(tmp_path):
+def test_cp_copies_and_refuses_to_overwrite_without_force(tmp_path):
     name = demo_preset()
     dest = tmp_path / "sub" / "mine.yaml"
     res = runner.invoke(app, ["cp", name, str(dest)])
     assert res.exit_code == 0, res.output
     original = dest.read_text()
     dest.write_text("# edited\n")
-    res = runner.invoke(app, ["cp", name, str(dest), "--no-clobber"])
-    assert res.exit_code == 0 and dest.read_text() == "# edited\n" and "not overwritten" in res.stderr
-    runner.invoke(app, ["cp", name, str(dest)])
-    assert dest.read_text() == original
-    res = runner.invoke(app, ["cp", name, str(tmp_path)])  # a folder: keeps the preset's file name
-    assert (tmp_path / f"{name}.yaml").exists()
+    res = runner.invoke(app, ["cp", name, str(dest)])
+    assert res.exit_code == 2 and dest.read_text() == "# edited\n"
+    assert "exists" in res.stderr and "--force" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, ["cp", name, str(dest), "--force"])
+    assert res.exit_code == 0 and dest.read_text() == original
+
+
+def test_ls_at_80_columns_keeps_preset_names_whole(monkeypatch):
+    from rich.console import Console
+
+    import ebft_tui.cli as cli
+
+    console = Console(width=80, force_terminal=True, highlight=False, record=True, color_system=None)
+    monkeypatch.setattr(cli, "out", console)
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for p in list_presets():
+        assert any(line.startswith(p.name + " ") for line in text.splitlines()), p.name
 
 
 def test_validate_ok_prints_the_resolved_config():
