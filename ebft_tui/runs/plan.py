@@ -95,6 +95,13 @@ class LaunchPlan:
         return bool(get_path(self.config or {}, "ebft.use_whitening", False))
 
 
+def check_run_dir_free(run_dir: str | Path) -> None:
+    """Raise `RunDirLocked` (naming the holder) when a live launcher supervises `run_dir`."""
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise RunDirLocked(Path(run_dir), holder)
+
+
 def has_previous_run(run_dir: str | Path) -> bool:
     """The folder holds an earlier run (its log or checkpoints): a new start resumes it."""
     rd = RunDir(run_dir)
@@ -221,9 +228,7 @@ def build_plan(
 
     out = run_dir if run_dir is not None else resolved.get("output_dir") or f"outputs/{config.stem}"
     rd = RunDir(Path(out).expanduser().resolve())
-    holder = live_holder(rd.path)
-    if holder is not None:
-        raise RunDirLocked(rd.path, holder)
+    check_run_dir_free(rd.path)
     rd.ensure()
     resolved["output_dir"] = str(rd.path)
     cwd = Path.cwd()

@@ -451,7 +451,7 @@ async def test_watch_mode_is_read_only_and_shows_hints(tmp_path):
         assert "finished" in str(screen.query_one("#run-state").content)
         assert screen.query_one("#log-trainer").total_lines == 2
         # Read-only: stop and restart are not offered.
-        assert screen.check_action("stop", ()) is None and screen.check_action("restart", ()) is None
+        assert screen.check_action("stop", ()) is False and screen.check_action("restart", ()) is False
         await pilot.press("s")
         await pilot.pause()
         assert not isinstance(app.screen, ConfirmScreen)

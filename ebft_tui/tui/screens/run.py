@@ -386,14 +386,15 @@ class RunScreen(Screen):
     # ---- keys ---------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        # Textual: False hides a key, None shows it dimmed (not now).
         if action in ("stop", "restart", "kill"):
             if self.readonly:
-                return None  # hidden: watch mode never signals a run
+                return False  # watch mode never signals a run
             control = getattr(self.app, "run_control", None)
-            if action in ("stop", "kill") and (control is None or not control.alive):
-                return False
-            if action == "kill" and self.stop_since is None:
-                return None  # offered once a stop is under way
+            if action == "kill" and (self.stop_since is None or self.finished is not None):
+                return False  # offered once a stop is under way
+            if action == "stop" and (control is None or not control.alive):
+                return None
         if action == "close_search":
             boxes = self.query("#log-search")
             return bool(boxes) and boxes.first().has_class("-shown")

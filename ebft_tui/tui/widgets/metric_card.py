@@ -165,8 +165,9 @@ class MetricCard(Vertical, can_focus=True):
         if n_bad:
             stats.append(f"{n_bad} NaN")
         foot = [" · ".join(stats), self._healthy_text()]
-        if self.has_class("-compact"):
-            foot = [" · ".join(stats[:1] + ([self._healthy_text()] if self._healthy_text() else []))]
+        if self.has_class("-compact"):  # one short line: the range seen so far, and NaNs
+            short = [f"{self.spec.format(min(values))}…{self.spec.format(max(values))}"] if values else []
+            foot = [" · ".join(short + ([f"{n_bad} NaN"] if n_bad else []))]
         self.query_one(".card-foot", Static).update("\n".join(foot))
 
     def set_compact(self, compact: bool) -> None:

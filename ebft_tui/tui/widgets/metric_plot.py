@@ -43,6 +43,15 @@ def padded_range(lo: float, hi: float) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def step_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """Whole-number step ticks: every step when there are few, else `most` evenly spread."""
+    lo_i, hi_i = int(math.floor(lo)), int(math.ceil(hi))
+    if hi_i - lo_i < most:
+        return [float(t) for t in range(lo_i, hi_i + 1)]
+    span = hi_i - lo_i
+    return sorted({float(round(lo_i + span * i / (most - 1))) for i in range(most)})
+
+
 class MetricPlot(PlotextPlot):
     """`show(series_list, title=..., ylabel=...)` redraws it; `compact` drops the axis labels."""
 
@@ -84,6 +93,8 @@ class MetricPlot(PlotextPlot):
             else:
                 plt.plot(s.steps, s.values, marker="braille", color=color, label=label)
         plt.xlim(*padded_range(min(xs), max(xs)))
+        ticks = step_ticks(min(xs), max(xs))
+        plt.xticks(ticks, [f"{t:g}" for t in ticks])
         plt.ylim(*padded_range(min(ys), max(ys)))
         if not self.compact:
             plt.xlabel("step")
