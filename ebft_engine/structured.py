@@ -50,7 +50,7 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ebft_engine.stepper import StepResult
+from ebft_engine.stepper import StepResult, report_phase
 
 SENTINEL = "\ue000ebft-turn\ue001"
 """Stands in for an assistant turn's content while finding the chat template's glue text."""
@@ -224,6 +224,7 @@ class StructuredStepper:
             if step > 1:  # resumed from a checkpoint: serve the restored weights first
                 self._publish(step - 1)
         metrics: dict[str, float] = {}
+        report_phase(self, "generating")
         if self.async_mode:
             if self._next_submit is None:
                 self._next_submit = step
@@ -250,6 +251,7 @@ class StructuredStepper:
         else:
             groups = list(groups_iter)
             gen_time = time.perf_counter() - t_gen
+            report_phase(self, "scoring")
             rewards_parts.append(self._score(groups))
         if handle is not None:
             gen_wait = handle.wait_s
@@ -265,6 +267,7 @@ class StructuredStepper:
 
         metrics.update(reward_metrics(out))
         adv = scale_group_rewards(out.rewards.float(), self._scale_mode())
+        report_phase(self, "training")
         loss_metrics, n_tokens, skipped = self._backward(groups, adv)
         metrics.update(loss_metrics)
         lengths = [len(c) for g in groups for c in g.completion_ids]

@@ -343,6 +343,7 @@ def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
 
         # ---- the loop
         watchdog.STOP.graceful = True
+        stepper.on_phase = lambda phase: log.phase(step + 1, phase)  # `step`: the loop's, read at call time
         window: list[dict[str, float]] = []
         saved_step = step
         while step < max_steps:
