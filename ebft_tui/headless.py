@@ -15,9 +15,11 @@ and ETA are `rich.progress`.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console, Group
@@ -261,7 +263,8 @@ async def run_headless_async(
             out("[ebft] killing now (the run resumes from its last checkpoint)...")
             sup.kill()
 
-    lock.acquire(plan.run_dir)  # RunDirLocked: another launcher runs there (the CLI says who)
+    # RunDirLocked: another launcher runs there (the CLI says who)
+    lock.acquire(plan.run_dir, command="ebft run --headless: " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)

@@ -395,13 +395,15 @@ class EbftApp(App):
             self.notify(str(warning), severity="warning", timeout=8)
         self.run_worker(self.run_control.run(), group="supervisor", exclusive=True, exit_on_error=False)
 
-    def open_watch(self, run_dir: Path) -> None:
+    def open_watch(self, run_dir: Path, attach: bool = False) -> None:
+        """A run by its files. `attach` (the runs screen): its stop keys signal the launcher that
+        holds it; plain watching (`ebft watch`, a locked run dir) never signals anything."""
         from ebft_tui.tui.screens.run import RunScreen
 
         rd = RunDir(run_dir)
         logs = {name: rd.log(name) for name in ("trainer", "server")
                 if name == "trainer" or rd.log(name).exists()}
-        screen = RunScreen(rd.path, logs, readonly=True, title=rd.path.name)
+        screen = RunScreen(rd.path, logs, readonly=True, title=rd.path.name, attached=attach)
         if self.run_screen is None or not self.run_screen.is_attached:
             self.run_screen = screen if self.run_control is None else self.run_screen
         self.push_screen(screen)

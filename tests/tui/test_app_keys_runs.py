@@ -362,3 +362,45 @@ async def test_screenshot_falls_back_to_the_run_dir(tmp_path, monkeypatch):
         await wait_for(pilot, lambda: list(run_dir.glob("*.svg")), what="the screenshot file")
         await wait_for(pilot, lambda: any(str(run_dir) in str(n.message) for n in app._notifications),
                        what="a notification naming the folder")
+
+
+async def test_a_run_reopened_from_the_runs_screen_can_be_stopped_there(tmp_path):
+    """A headless launcher runs a slow graceful fake trainer; the runs screen opens it attached,
+    and `s` asks that launcher to stop: the step finishes, a checkpoint, status stopped."""
+    import subprocess
+    import sys
+
+    from .test_lock import HEADLESS, REPO
+
+    root = tmp_path / "outputs"
+    script = tmp_path / "launch.py"
+    script.write_text(HEADLESS.format(tests=str(REPO / "tests"), run_dir=str(root / "live"))
+                      .replace('"--steps", "1", "--hang", "--graceful"', '"--steps", "5", "--interval", "2", "--graceful"'))
+    launcher = subprocess.Popen([sys.executable, str(script), "t.json"], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (root / "live" / "t.json").exists():
+            assert time.monotonic() < deadline, "the headless run did not start"
+            time.sleep(0.05)
+        trainer = json.loads((root / "live" / "t.json").read_text())["pid"]
+        app = EbftApp(show_runs=True, runs_root=root, install_signal_handlers=False)
+        async with app.run_test(size=SIZE) as pilot:
+            runs = app.screen
+            await wait_for(pilot, lambda: len(runs.runs) == 1 and runs.runs[0].live, what="the live run")
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), what="the attached run")
+            screen = app.screen
+            assert screen.attached and screen.check_action("stop", ()) is True
+            await pilot.press("s")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the stop question")
+            assert f"pid {launcher.pid}" in app.screen.question
+            await pilot.press("y")
+            await wait_for(pilot, lambda: screen.watch_status == "stopped", timeout=60, what="the stopped run")
+            assert screen.check_action("stop", ()) is False  # nobody left to signal
+        assert launcher.wait(30) == 128 + signal.SIGTERM  # headless: a SIGTERM'd launcher's code
+        recs = [json.loads(ln) for ln in (root / "live" / "metrics.jsonl").read_text().splitlines()]
+        assert any(r["event"] == "checkpoint" for r in recs) and recs[-1]["phase"] == "stopped"
+        assert not _alive(trainer)
+    finally:
+        launcher.kill()

@@ -155,8 +155,12 @@ class RunScreen(Screen):
     ]
 
     def __init__(self, run_dir: Path, log_paths: dict[str, Path], *, readonly: bool = False,
-                 title: str = "", config: dict[str, Any] | None = None) -> None:
+                 title: str = "", config: dict[str, Any] | None = None, attached: bool = False) -> None:
         super().__init__()
+        # attached: a run re-opened from the runs screen; its launcher (a keeper or a headless
+        # `ebft run`, named by launcher.lock) is asked to stop with SIGTERM, or SIGKILLed for
+        # "stop now" (its lifeline then takes the run down at once). `ebft watch` never signals.
+        self.attached = attached
         self.run_dir = Path(run_dir)
         self.log_paths = {name: Path(p) for name, p in log_paths.items()}
         self.readonly = readonly
@@ -165,11 +169,12 @@ class RunScreen(Screen):
         self.history = MetricHistory(whitening=bool(get_path(cfg, "ebft.use_whitening", False)))
         self.metrics_follower = JsonlFollower(self.run_dir / "metrics.jsonl")
         self.log_followers = {name: TextFollower(p) for name, p in self.log_paths.items()}
-        self.state_text = "watching (read-only)" if readonly else "starting…"
+        self.state_text = ("attached" if attached else "watching (read-only)") if readonly else "starting…"
         self.extra_hints: list[str] = []
         self.finished: RunFinished | None = None
         self.n_batches = 0
         self.stop_since: float | None = None
+        self.watch_status: str | None = None
         self.quitting = False
         self.compact = False
         self.plot_screen: Any = None
@@ -252,7 +257,8 @@ class RunScreen(Screen):
 
     def render_progress(self) -> None:
         h = self.history
-        ended = self.finished is not None or h.phase in ("done", "error", "stopped")
+        ended = (self.finished is not None or h.phase in ("done", "error", "stopped")
+                 or self.watch_status in ("finished", "failed", "stopped"))
         phase = h.phase
         if self.finished is not None and phase not in ("done", "error", "stopped"):
             phase = "stopped" if self.finished.stopped_by_user else ("failed" if self.finished.returncode else "done")
@@ -324,15 +330,25 @@ class RunScreen(Screen):
 
     def refresh_watch_state(self) -> None:
         """Watch mode: the launcher's `state.json` says what runs (we own no process)."""
-        state = RunDir(self.run_dir).read_state()
+        from ebft_tui.watch import run_status
+
+        rd = RunDir(self.run_dir)
+        state = rd.read_state()
         if not state:
             return
         procs = state.get("processes") or []
         rows = [ProcRow(name=str(p.get("name", "?")), state=str(p.get("state", "?")), pid=p.get("pid"),
                         returncode=p.get("returncode")) for p in procs if isinstance(p, dict)]
         self.show_processes(rows)
-        self.set_state(f"watching (read-only) · {state.get('status', '?')}"
-                       + (f" · {describe_states(rows)}" if rows else ""))
+        status = self.watch_status = run_status(rd, self.history)
+        if self.stop_since is not None and status in ("running", "stopping"):
+            self.set_state(self.stopping_text())
+        else:
+            if status in ("finished", "failed", "stopped"):
+                self.stop_since = None
+            self.set_state(f"{'attached' if self.attached else 'watching (read-only)'} · {status}"
+                           + (f" · {describe_states(rows)}" if rows else ""))
+        self.refresh_bindings()
 
     def show_processes(self, rows: list[ProcRow]) -> None:
         self.query_one(ProcessTable).show(rows)
@@ -387,6 +403,11 @@ class RunScreen(Screen):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # Textual: False hides a key, None shows it dimmed (not now).
+        if action in ("stop", "kill") and self.readonly and self.attached:
+            holder = self.holder()
+            if holder is None:
+                return False
+            return action == "stop" or self.stop_since is not None
         if action in ("stop", "restart", "kill"):
             if self.readonly:
                 return False  # watch mode never signals a run
@@ -401,10 +422,56 @@ class RunScreen(Screen):
         return True
 
     def action_stop(self) -> None:
-        self.app.action_stop_run()
+        if self.readonly:
+            self.signal_holder(stop_now=False)
+        else:
+            self.app.action_stop_run()
 
     def action_kill(self) -> None:
-        self.app.action_kill_run()
+        if self.readonly:
+            self.signal_holder(stop_now=True)
+        else:
+            self.app.action_kill_run()
+
+    def holder(self) -> Any:
+        """The live launcher of an attached run, if it is ours to signal (this host, `ebft run`)."""
+        import socket
+
+        from ebft_tui.runs.lock import live_holder
+
+        info = live_holder(self.run_dir)
+        if info is None or info.host != socket.gethostname() or not info.command.startswith("ebft run"):
+            return None
+        return info
+
+    def signal_holder(self, stop_now: bool) -> None:
+        import os
+        import signal
+
+        from ebft_tui.tui.screens.confirm import ConfirmScreen
+
+        holder = self.holder() if self.attached else None
+        if holder is None:
+            self.notify("no launcher of ours runs this any more", severity="warning")
+            return
+
+        def answer(yes: bool | None) -> None:
+            if not yes:
+                return
+            try:
+                os.kill(holder.pid, signal.SIGKILL if stop_now else signal.SIGTERM)
+            except ProcessLookupError:
+                self.notify("that launcher has already gone")
+                return
+            if not stop_now:
+                self.stopping_since(time.time())
+
+        question = ("Stop now? Its launcher (pid {pid}) is killed and the run with it: the steps since the last "
+                    "checkpoint are lost; starting it again resumes from that checkpoint." if stop_now else
+                    "Stop this run? Its launcher (pid {pid}) is asked to stop it: the trainer finishes its step, "
+                    "saves a checkpoint and exits. Press k meanwhile to stop at once.")
+        self.app.push_screen(ConfirmScreen(question.format(pid=holder.pid), yes="Kill now" if stop_now else "Stop"),
+                             answer)
 
     # ---- size, plots, search ------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The runs screen: past and live runs under the outputs folder; open one, compare two.
 
 ctrl+r from any screen shows it (and brings you back to it). Enter opens the highlighted run
-(read-only, followed live if it is still going); space marks up to two runs and `c` compares
+(followed live if it is still going, and then `s` / `k` ask its launcher to stop it or kill it);
+space marks up to two runs and `c` compares
 their curves on one plot per metric; `n` starts a new run from the presets.
 """
 
@@ -127,7 +128,7 @@ class RunsScreen(Screen):
                 and screen not in self.app.screen_stack):
             self.app.push_screen(screen)  # the run this app launched: its own screen, with stop keys
             return
-        self.app.open_watch(run.path)
+        self.app.open_watch(run.path, attach=True)
 
     @on(DataTable.RowSelected)
     def _selected(self, event: DataTable.RowSelected) -> None:
