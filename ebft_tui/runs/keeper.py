@@ -88,6 +88,7 @@ class Keeper:
     async def _restart(self) -> None:
         try:
             await self.sup.restart()
+            self.send({"type": "states", "states": self._states()})
         except LaunchFailed as e:
             self.send({"type": "launch_failed", "name": e.name, "reason": e.reason, "log_tail": e.log_tail})
 
@@ -130,6 +131,7 @@ class Keeper:
         try:
             try:
                 await self.sup.start()
+                self.send({"type": "states", "states": self._states()})  # now "running"
                 rc = await self.sup.wait()
             except LaunchFailed as e:
                 launch_error = str(e)

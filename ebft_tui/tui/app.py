@@ -134,6 +134,9 @@ class RunControl:
         if kind == "event":
             self.app.post_to_run_screen(RunEvent(SimpleNamespace(**{k: message.get(k) for k in (
                 "kind", "name", "pid", "returncode", "message", "log_tail")})))
+        elif kind == "states":
+            self.app.post_to_run_screen(RunEvent(SimpleNamespace(kind="states", name="", pid=None, returncode=None,
+                                                                 message="", log_tail=[])))
         elif kind == "launch_failed":
             self.app.post_to_run_screen(RunEvent(LaunchProblem(
                 f"{message.get('name')}: {message.get('reason')}", message.get("log_tail") or [])))

@@ -28,7 +28,7 @@ from ebft_tui.tui.widgets.metric_card import MetricCard
 from ebft_tui.tui.widgets.metric_plot import MetricPlot, PlotSeries
 
 from .test_app import (FIELDS, SIZE, _alive, assert_all_dead, child_pids, fake_validator, no_leftovers,  # noqa: F401
-                       other_preset, preset, trainer_plan, wait_for, write_finished_run)
+                       preset, trainer_plan, wait_for, write_finished_run)
 
 pytestmark = pytest.mark.timeout(120)
 

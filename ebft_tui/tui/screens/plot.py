@@ -6,7 +6,7 @@ Opened from a metric card (Enter or a click) on the run screen, and by the runs 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from textual.app import ComposeResult
 from textual.binding import Binding
