@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -106,18 +107,31 @@ def _parse_gpus(text: str | None) -> list[int] | None:
 def _run_engine(argv: list[str], death_signal: int = signal.SIGKILL) -> int:
     """Run an engine command in the foreground; its exit code (128+N when signal N ended it).
 
-    Ctrl+C reaches it directly (same process group), so we wait for it to finish its own graceful
-    stop. If this process dies (SIGKILL, OOM), the child gets `death_signal` at once (lifeline)."""
+    The engine gets its own session (so the lifeline's guard can take its whole group down if this
+    process dies, SIGKILL included); Ctrl+C, SIGTERM and SIGHUP that reach us are passed on to its
+    group, and we wait for it to finish its own graceful stop."""
     lifeline = Lifeline()
     try:
-        proc = subprocess.Popen(lifeline.argv(argv, death_signal), env=engine_env(), pass_fds=lifeline.pass_fds)
+        proc = subprocess.Popen(lifeline.argv(argv, death_signal), env=engine_env(), pass_fds=lifeline.pass_fds,
+                                start_new_session=True)
     except OSError as e:
+        lifeline.close()
         raise UserError(f"cannot run the engine ({argv[0]}): {e}") from None
-    while True:
+
+    def forward(signum: int, _frame: object) -> None:
         try:
-            return exit_code(proc.wait())
-        except KeyboardInterrupt:
-            continue
+            os.killpg(proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        return exit_code(proc.wait())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        lifeline.close()
 
 
 # ----------------------------------------------------------------------------------- commands

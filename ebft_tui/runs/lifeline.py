@@ -17,7 +17,9 @@ workers...) would outlive it. So with a lifeline pipe (`Lifeline`, FD >= 0) the 
 guard into the same group: it ignores SIGTERM/SIGINT/SIGHUP (a stop is for the leader to handle),
 dies with the leader (its own death signal), and blocks reading the pipe, whose write end only
 the launcher holds. When the launcher dies, however it dies, the kernel closes that end: the guard
-sends SIGNAL to the whole group, and SIGKILL after GRACE seconds if that was gentler.
+sends SIGNAL to the whole group, and SIGKILL after GRACE seconds if that was gentler. Only a group
+the child leads (start it with `start_new_session=True`): in a group it shares with others (the
+launcher's own), the guard signals the leader alone.
 
 The kernel sends a death signal when the *thread* that forked the child exits: spawn from the
 event-loop thread (the supervisor) or from a thread that waits for the child (`subprocess.run`).
@@ -46,9 +48,11 @@ if fd>=0:
             prctl(1,signal.SIGKILL,0,0,0)
             if os.getppid()==leader:
                 while os.read(fd,64):pass
-                os.killpg(0,sig)
+                own=os.getpgrp()==leader
+                hit=(lambda s:os.killpg(0,s)) if own else (lambda s:os.kill(leader,s))
+                hit(sig)
                 if sig!=signal.SIGKILL:
-                    import time;time.sleep(grace);os.killpg(0,signal.SIGKILL)
+                    import time;time.sleep(grace);hit(signal.SIGKILL)
         finally:os._exit(0)
     os.close(fd)
 os.environ['EBFT_PDEATHSIG']=str(sig)

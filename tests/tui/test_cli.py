@@ -122,6 +122,29 @@ def test_run_reports_config_problems_before_starting(tmp_path):
     assert not (tmp_path / "r" / "state.json").exists()
 
 
+def test_run_and_train_refuse_a_run_dir_held_by_a_live_launcher(tmp_path, monkeypatch):
+    from ebft_tui.runs import lock
+
+    import subprocess
+
+    run_dir = tmp_path / "held"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another launcher
+    lock.acquire(run_dir, pid=other.pid, command="ebft run --headless other")
+    try:
+        res = runner.invoke(app, ["run", demo_preset(), "--headless", "--run-dir", str(run_dir)])
+        assert res.exit_code == 2, res.output
+        assert f"pid {other.pid}" in res.stderr and "ebft watch" in res.stderr and "Traceback" not in res.output
+        assert not (run_dir / "config.yaml").exists() and not (run_dir / "command.txt").exists()  # nothing written
+        monkeypatch.setenv("EBFT_RUN_DIR", str(run_dir))
+        res = runner.invoke(app, ["train", demo_preset()])
+        assert res.exit_code == 2 and "in use by a running launcher" in res.stderr
+        assert not (run_dir / "metrics.jsonl").exists()  # no second trainer
+    finally:
+        lock.release(run_dir, pid=other.pid)
+        other.kill()
+        other.wait()
+
+
 def test_gpus_says_when_there_is_none():
     res = runner.invoke(app, ["gpus", "--json"])
     assert res.exit_code == 0

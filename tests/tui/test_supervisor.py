@@ -329,3 +329,32 @@ def test_lifeline_shim_runs_the_real_program_with_its_pid_and_exit_code(tmp_path
     assert int(pid) == proc.pid and int(sig) == signal.SIGTERM and proc.returncode == 7
     assert exit_code(-9) == 137 and exit_code(3) == 3
     line.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_sigkilled_ebft_train_wrapper_takes_the_engine_with_it(tmp_path):
+    """`ebft train` runs the engine in the foreground; SIGKILL the wrapper and the engine (whose
+    own watchdog is off: no EBFT_PARENT_PID) is gone too."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "EBFT_PARENT_PID"}
+    env.update(EBFT_RUN_DIR=str(tmp_path / "run"), PYTHONPATH=str(REPO))
+    wrapper = subprocess.Popen([sys.executable, "-m", "ebft_tui", "train", "smollm2-135m-strided-cpu"], cwd=tmp_path,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    engine: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not engine:
+            assert time.monotonic() < deadline and wrapper.poll() is None, "the engine did not start"
+            try:
+                engine = [p.pid for p in psutil.Process(wrapper.pid).children(recursive=True)
+                          if p.cmdline()[1:3] == ["-m", "ebft_engine"]]  # exec'd, past the shim
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        wrapper.kill()
+        wrapper.wait(20)
+        assert wait_dead(engine, 15) == []
+    finally:
+        wrapper.kill()
+        kill_quietly(engine)
