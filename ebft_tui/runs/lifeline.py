@@ -44,12 +44,15 @@ if fd>=0:
     leader=os.getpid()
     if os.fork()==0:
         try:
+            import select
             for s in (signal.SIGTERM,signal.SIGINT,signal.SIGHUP):signal.signal(s,signal.SIG_IGN)
-            prctl(1,signal.SIGKILL,0,0,0)
-            if os.getppid()==leader:
-                while os.read(fd,64):pass
-                own=os.getpgrp()==leader
-                hit=(lambda s:os.killpg(0,s)) if own else (lambda s:os.kill(leader,s))
+            closed=lambda t:bool(select.select([fd],[],[],t)[0]) and not os.read(fd,64)
+            gone=False
+            while os.getppid()==leader:
+                if closed(0.2):gone=True;break
+            else:gone=closed(0)
+            if gone:
+                hit=(lambda s:os.killpg(0,s)) if os.getpgrp()==leader else (lambda s:os.kill(leader,s))
                 hit(sig)
                 if sig!=signal.SIGKILL:
                     import time;time.sleep(grace);hit(signal.SIGKILL)

@@ -380,7 +380,8 @@ class Supervisor:
             except asyncio.TimeoutError:
                 signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        await self._reap(proc.pid, grace_s)
+        # what the leader leaves in its group (its lifeline guard for a moment, grandchildren)
+        await self._reap(proc.pid, self.stop_grace_s if grace_s is None else grace_s)
         watcher = self._watchers.get(name)
         if watcher is not None:
             await asyncio.shield(watcher)

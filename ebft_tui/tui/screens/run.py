@@ -382,7 +382,11 @@ class RunScreen(Screen):
     def run_finished(self, message: RunFinished) -> None:
         self.finished = message
         self.stop_since = None
-        self.poll_files()  # the last records
+        last = self.metrics_follower.read_new()  # the last records, folded now: the state line names
+        if last:                                 # the checkpoint the stop wrote
+            self.history.update_many(last)
+            self.render_metrics()
+        self.poll_files()
         ckpt = self.history.checkpoints[-1].get("path") if self.history.checkpoints else None
         if message.launch_error:
             self.set_state(f"launch failed: {message.launch_error}".splitlines()[0][:200])
