@@ -3,6 +3,10 @@
 Pure asyncio, no Textual. The keeper is started in its own session and without a death signal (so
 the run can outlive the TUI when the user leaves it running); it watches its stdin instead, which
 the kernel closes the moment this process dies.
+
+A plain `subprocess.Popen`, not an asyncio subprocess: asyncio's transport kills a child that is
+still running when the transport is closed or collected, which would end a run the user chose to
+leave going. Its stdout is read through the loop (`connect_read_pipe`); waiting is a poll.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +41,8 @@ class KeeperClient:
     def __init__(self, plan: LaunchPlan, on_message: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.plan = plan
         self.on_message = on_message
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen | None = None
+        self._read_transport: asyncio.BaseTransport | None = None
         self.states: list[ProcState] = [ProcState(p.name, None, None, "starting") for p in plan.processes]
         self.finished: dict[str, Any] | None = None
         self.locked: dict[str, Any] | None = None
@@ -51,7 +57,7 @@ class KeeperClient:
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.proc is not None and self.proc.poll() is None
 
     async def start(self) -> None:
         run_dir = Path(self.plan.run_dir)
@@ -64,18 +70,22 @@ class KeeperClient:
         self.stop_requested_at = None
         with open(run_dir / "launcher.log", "ab") as log:
             log.write(f"[{time.strftime('%H:%M:%S')}] keeper starting for pid {os.getpid()}\n".encode())
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ebft_tui.runs.keeper", str(launch),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log,
-                start_new_session=True, env=keeper_env(), cwd=os.getcwd(),
+            log.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ebft_tui.runs.keeper", str(launch)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                env=keeper_env(), cwd=os.getcwd(),
             )
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=4 * 2**20)
+        self._read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout)
+        self._reader = loop.create_task(self._read(reader))
 
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
+    async def _read(self, reader: asyncio.StreamReader) -> None:
         while True:
             try:
-                line = await self.proc.stdout.readline()
+                line = await reader.readline()
             except (ValueError, OSError):  # an over-long line: skip it
                 continue
             if not line:
@@ -108,45 +118,49 @@ class KeeperClient:
 
     def send(self, command: str) -> bool:
         """Write one command (`stop`, `kill`, `restart`, `detach`); False if the keeper is gone."""
-        if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
+        if self.proc is None or self.proc.stdin is None or self.proc.stdin.closed or self.proc.poll() is not None:
             return False
         try:
             self.proc.stdin.write(f"{command}\n".encode())
-        except (BrokenPipeError, ConnectionResetError, RuntimeError, OSError):
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
             return False
         if command == "stop" and self.stop_requested_at is None:
             self.stop_requested_at = time.time()
         return True
 
+    def _close_pipes(self) -> None:
+        if self.proc is not None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except (OSError, ValueError):
+                pass
+        if self._read_transport is not None:
+            self._read_transport.close()
+
     def detach(self) -> None:
         """Leave the run to the keeper: it carries on alone; this side stops listening."""
         self.send("detach")
         self.detached = True
-        if self.proc is not None and self.proc.stdin is not None:
-            try:
-                self.proc.stdin.close()
-            except (OSError, RuntimeError):
-                pass
+        self._close_pipes()
 
-    async def wait(self) -> int:
+    async def wait(self, poll_s: float = 0.1) -> int:
         """Until the keeper has exited (the run is over): the trainer's exit code."""
         assert self.proc is not None
-        rc = await self.proc.wait()
+        while self.proc.poll() is None:
+            await asyncio.sleep(poll_s)
+        rc = self.proc.returncode
         if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-        if self.proc.stdin is not None:  # all pipes closed: the transport is done with
             try:
-                self.proc.stdin.close()
-            except (OSError, RuntimeError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 5.0)  # the news it wrote last
+            except asyncio.TimeoutError:
                 pass
+        self._close_pipes()
         if self.finished is not None and isinstance(self.finished.get("returncode"), int):
             return int(self.finished["returncode"])
         return exit_code(rc)
 
     def kill_keeper(self) -> None:
         """Close the command pipe: to the keeper that is the launcher dying (it SIGKILLs the run)."""
-        if self.proc is not None and self.proc.stdin is not None and not self.detached:
-            try:
-                self.proc.stdin.close()
-            except (OSError, RuntimeError):
-                pass
+        if not self.detached:
+            self._close_pipes()
