@@ -9,12 +9,17 @@ side by side mean anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -108,7 +113,7 @@ def cpu_peak_alloc_mb(fn: Callable[[], Any]) -> tuple[float, Any]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_lines(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type().name == "CPU"]
@@ -118,6 +123,29 @@ def cpu_peak_alloc_mb(fn: Callable[[], Any]) -> tuple[float, Any]:
         cur += nbytes
         peak = max(peak, cur)
     return peak / 2**20, result
+
+
+@contextlib.contextmanager
+def without_profiler_lines(prefix: str = "USDT:") -> Iterator[None]:
+    """Drop the `USDT: ... profiler_start/profiler_stop` lines torch's profiler (kineto) writes to
+    file descriptor 2 from C++ on every start and stop; no setting silences them. Everything else
+    written to stderr meanwhile is passed on when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not line.startswith(prefix))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def cuda_peak_alloc_mb(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -187,6 +215,29 @@ def measure_side_by_side(
 
 # ------------------------------------------------------------------------------------------
 # reporting
+
+
+def add_json_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH",
+                    help="also write the table and every figure as JSON (scripts/gpu-check.sh reads it)")
+
+
+def write_json(path: Path | None, bench: str, text: str, results: Any) -> None:
+    """The bench's printed table and its figures, with the command that made them."""
+    if path is None:
+        return
+    def plain(x: Any) -> Any:  # inf / nan are not JSON: write null
+        if isinstance(x, float) and not (x == x and abs(x) != float("inf")):
+            return None
+        if isinstance(x, dict):
+            return {str(k): plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    record = {"bench": bench, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "machine": machine(), "table": text, "results": plain(results)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def format_table(header: list[str], rows: list[list]) -> str:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_common_args, build_model, format_table, machine, measure_side_by_side,  # noqa: E402
-                     ms, ratio, resolve_common)
+from _common import (add_common_args, add_json_arg, build_model, format_table, machine,  # noqa: E402
+                     measure_side_by_side, ms, ratio, resolve_common, write_json)
 
 from ebft_engine.strided.layout import gen_region, make_layout  # noqa: E402
 from ebft_engine.strided.mask import (dense_block_mask, flex_block_mask, forward_with_mask,  # noqa: E402
@@ -59,6 +59,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                     help="samples as n·NB blocks of one row (what training runs) or n copies")
     ap.add_argument("--backward", choices=["auto", "on", "off"], default="auto",
                     help="time forward+backward (auto: on CUDA only; CPU flex cannot)")
+    add_json_arg(ap)
     args = ap.parse_args(argv)
 
     device, dtype, shape = resolve_common(args)
@@ -143,6 +144,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                       "(flex mask ms)", "dense peak MB",
                       "(dense mask MB)", "flex peak MB", "mem ratio", "max |diff|"], rows),
     ])
+    write_json(args.json, "flex_vs_dense", text, results)
     return text, results
 
 

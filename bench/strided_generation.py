@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (add_common_args, build_model, format_table, machine, measure_side_by_side,  # noqa: E402
-                     ms, ratio, resolve_common)
+from _common import (add_common_args, add_json_arg, build_model, format_table, machine,  # noqa: E402
+                     measure_side_by_side, ms, ratio, resolve_common, write_json)
 
 from ebft_engine.strided.generate import generate_blocks, generate_blocks_naive  # noqa: E402
 from ebft_engine.strided.layout import unfold_samples  # noqa: E402
@@ -47,6 +47,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
     ap.add_argument("--context-length", type=int, default=8)
     ap.add_argument("--n-samples", type=int, default=4, help="samples per document")
     ap.add_argument("--temperature", type=float, default=0.6)
+    add_json_arg(ap)
     args = ap.parse_args(argv)
 
     device, dtype, shape = resolve_common(args)
@@ -97,6 +98,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
         format_table(["seq_len", "blocks", "folded ms", "copies ms", "recompute ms", "speed-up folded",
                       "speed-up copies", "folded MB", "copies MB", "recompute MB", "same tokens"], rows),
     ])
+    write_json(args.json, "strided_generation", text, results)
     return text, results
 
 

@@ -26,6 +26,11 @@ MFU is a slight under-estimate; gradient-checkpoint recompute excluded, as MFU c
 `slots/step` is R·T (`StepResult.n_tokens`); `sampled tok/s` counts the N·NB·G rollout tokens
 scored per second, the same work in both layouts.
 
+The `train` rows (folded layout, each mask) time the training forward + backward alone: the same
+`run_step`, with its rollouts and feature pass replayed from a recorded step (what remains is
+the reward arithmetic, negligible, and the training forward + backward; no optimizer update).
+Their FLOPs are the training line above, so their MFU is that of the training pass itself.
+
     python bench/strided_step.py --quick                   # tiny shape, S = 128, 256: CPU < 1 min
     python bench/strided_step.py                           # tiny and smollm2-135m shapes, S = 256
     python bench/strided_step.py --device cuda --model-shapes smollm2-135m llama-1b --lengths 1024 2048
@@ -40,8 +45,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SHAPES, add_common_args, build_model, format_table, gpu_peak_tflops, machine,  # noqa: E402
-                     measure_side_by_side, ms, resolve_common)
+from _common import (SHAPES, add_common_args, add_json_arg, build_model, format_table,  # noqa: E402
+                     gpu_peak_tflops, machine, measure_side_by_side, ms, resolve_common, write_json)
+
+import ebft_engine.strided.step as step_module  # noqa: E402
 
 from ebft_engine.config import load_config  # noqa: E402
 from ebft_engine.features import num_decoder_layers  # noqa: E402
@@ -88,6 +95,38 @@ def _with_attn(model, attn: str, fn):
     return run
 
 
+def train_alone(stepper: StridedStepper, docs: list[dict], optimizer) -> "callable":
+    """`stepper.run_step` with its rollouts and frozen feature pass recorded on the first call and
+    replayed after: the training forward + backward (and the reward arithmetic) alone."""
+    recorded: dict = {}
+    real_generate = step_module.generate_blocks
+    real_features = stepper._features
+
+    def generate(*args, **kwargs):
+        if "tokens" not in recorded:
+            recorded["tokens"] = real_generate(*args, **kwargs)
+        return recorded["tokens"]
+
+    def features(*args, **kwargs):
+        if "features" not in recorded:
+            recorded["features"] = real_features(*args, **kwargs)
+        return recorded["features"]
+
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        step_module.generate_blocks, stepper._features = generate, features
+        try:
+            result = stepper.run_step(docs, counter[0])
+        finally:
+            step_module.generate_blocks = real_generate
+            del stepper._features  # the class's method again
+        optimizer.zero_grad(set_to_none=True)  # gradients made, no update: fwd + bwd alone
+        return result
+    return step
+
+
 def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(ap)
@@ -104,6 +143,9 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                     help="sample layouts to run side by side (default both)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override on top of the preset, e.g. --set ebft.n_samples_per_prompt=8")
+    ap.add_argument("--no-train-alone", dest="train_alone", action="store_false",
+                    help="leave out the `train` rows (training forward + backward alone)")
+    add_json_arg(ap)
     args = ap.parse_args(argv)
 
     device, dtype, _ = resolve_common(args)
@@ -125,7 +167,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
         torch._dynamo.config.automatic_dynamic_shapes = False
 
     u = "TFLOP" if cuda else "GFLOP"
-    header = ["model", "seq_len", "mask", "samples", "T", "slots/step", "step ms", "vs copies",
+    header = ["model", "seq_len", "mask", "samples", "part", "T", "slots/step", "ms", "vs copies",
               "sampled tok/s", "gen ms (alone)", "gen share", f"{u}/step", f"{u}/s", "MFU"] + (
                   ["peak MB"] if cuda else [])
     results, rows = [], []
@@ -170,6 +212,9 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
                     optimizer.zero_grad(set_to_none=True)
                     return res
                 fns[form, kind] = _with_attn(model, attn, step)
+                if args.train_alone and kind == "folded":
+                    trainer = StridedStepper(cfg, model, None, device, dtype, fold_samples=True)
+                    fns[form, "train"] = _with_attn(model, attn, train_alone(trainer, docs, optimizer))
             st0 = steppers[contenders[0]]
             input_ids, _, lengths_t, prompts = st0.collate(docs)
             layout = st0.make_layout(lengths_t, prompts, input_ids.shape[1])
@@ -182,29 +227,36 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
             m = measure_side_by_side(fns, device, repeats, memory=cuda, warmup=1 if "flex" in masks else 0)
             t_gen = m["generation"].best_s
             sampled = B * st0.n * layout.NB * layout.G
-            for form, kind in contenders:
+            measured = contenders + [(form, "train") for form in masks if (form, "train") in fns]
+            for form, kind in measured:
                 r = m[form, kind]
-                fold = kind == "folded"
+                part = "train" if kind == "train" else "step"
+                fold = kind != "copies"
+                layout_name = "folded" if fold else "copies"
                 T = layout.fold(st0.n).T if fold else layout.T
                 if r.error:
                     print(f"{shape} S={S} {form} {kind}: {r.error}", file=sys.stderr)
-                    rows.append([shape, S, form, kind, T] + ["-"] * (len(header) - 5))
+                    rows.append([shape, S, form, layout_name, part, T] + ["-"] * (len(header) - 6))
                     continue
                 flops = step_flops(model, st0, layout, B, fold=fold)
+                work = flops["training"] if part == "train" else flops["total"]
                 n_tok = r.result.n_tokens
-                tflops = flops["total"] / r.best_s / 1e12
-                mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+                tflops = work / r.best_s / 1e12
+                mfu_value = 100 * tflops / peak if peak else None
+                mfu = f"{mfu_value:.1f}%" if peak else "-"
                 other = m.get((form, "copies"))
-                vs = (f"{other.best_s / r.best_s:.2f}x" if fold and other is not None and not other.error
-                      else "-")
-                results.append(dict(shape=shape, S=S, mask=form, layout=kind, T=T, tokens=n_tok,
-                                    step_s=r.best_s, tokens_per_s=sampled / r.best_s, gen_s=t_gen,
-                                    tflop=flops["total"] / 1e12, tflops=tflops, mfu=mfu, peak_mb=r.peak_mb,
+                vs = (f"{other.best_s / r.best_s:.2f}x" if kind == "folded" and other is not None
+                      and not other.error else "-")
+                results.append(dict(shape=shape, S=S, mask=form, layout=layout_name, part=part, T=T,
+                                    tokens=n_tok, step_s=r.best_s, tokens_per_s=sampled / r.best_s,
+                                    gen_s=t_gen, tflop=work / 1e12, tflops=tflops, mfu=mfu,
+                                    mfu_percent=mfu_value, peak_mb=r.peak_mb if cuda else None,
                                     vs_copies=vs))
                 unit = 1e12 if cuda else 1e9  # TFLOP on a GPU, GFLOP on a CPU
-                rows.append([shape, S, form, kind, T, n_tok, ms(r.best_s), vs, f"{sampled / r.best_s:,.0f}",
-                             ms(t_gen), f"{100 * t_gen / r.best_s:.0f}%",
-                             _num(flops["total"] / unit), _num(flops["total"] / r.best_s / unit), mfu]
+                gen_cols = ([ms(t_gen), f"{100 * t_gen / r.best_s:.0f}%"] if part == "step" else ["-", "-"])
+                rows.append([shape, S, form, layout_name, part, T, n_tok, ms(r.best_s), vs,
+                             f"{sampled / r.best_s:,.0f}", *gen_cols,
+                             _num(work / unit), _num(work / r.best_s / unit), mfu]
                             + ([f"{r.peak_mb:,.0f}"] if cuda else []))
             print(f"{shape} S={S} done", file=sys.stderr, flush=True)
             del model, optimizer, steppers, fns
@@ -220,6 +272,7 @@ def run(argv: list[str] | None = None) -> tuple[str, list[dict]]:
         f"machine: {machine()}",
         format_table(header, rows),
     ])
+    write_json(args.json, "strided_step", text, results)
     return text, results
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine, ratio  # noqa: E402
+from _common import add_json_arg, format_table, machine, ratio, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PRESET = REPO / "presets" / "smollm2-135m-structured-cpu.yaml"
@@ -150,6 +150,7 @@ def run(argv: list[str] | None = None) -> tuple[str, dict]:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per process (default 120 quick, 1800)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for server and trainer, e.g. --set trl.vllm_sync_interval=2")
+    add_json_arg(ap)
     args = ap.parse_args(argv)
 
     timeout = args.timeout or (120.0 if args.quick else 1800.0)
@@ -207,6 +208,7 @@ def run(argv: list[str] | None = None) -> tuple[str, dict]:
         f"async speed-up: loop {ratio(s['loop_s'], a['loop_s'])}, "
         f"per step after the first {ratio(s['later_s'], a['later_s'])}",
     ])
+    write_json(args.json, "structured_sync_async", text, dict(sync=s, async_=a))
     return text, dict(sync=s, async_=a)
 
 

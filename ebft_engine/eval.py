@@ -6,8 +6,9 @@
   n samples per held-out prompt and features from the frozen base (same layers and pooling as
   training); `eval/alignment` (mean cosine) rides along.
 - `eval/pass@1`: for HumanEval-style rows (with `test` and `entry_point`), the greedy completion
-  is run against the task's tests in the sandbox (`sandbox.py`): a program that fails, loops or
-  misbehaves counts as failed.
+  is run against the task's tests in the OS jail (`ebft_engine/sandbox/`): a program that fails, loops or
+  misbehaves counts as failed. Without a working jail pass@1 is refused (before the model loads)
+  unless the caller passes `unsafe_exec`; the record names the backend (`sandbox_backend`).
 
 Held-out rows come from `test_datasets` (raw rows, before any training transform: `input/output`,
 `prompt/ground_truth` or chat `messages`). Results are appended as an `eval` record to
@@ -20,12 +21,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+
+if TYPE_CHECKING:
+    from ebft_engine.sandbox import Backend
 
 
 @dataclass
@@ -153,27 +158,46 @@ def feature_matching(model, tokenizer, rows: list[EvalRow], cfg, device, *, n: i
     return sum(cfms) / max(len(cfms), 1), sum(aligns) / max(len(aligns), 1)
 
 
-def pass_at_1(model, tokenizer, rows: list[EvalRow], cfg, device, *, max_new_tokens: int,
-              timeout_s: float) -> tuple[float | None, list[dict]]:
-    """Greedy pass@1 over the rows that carry tests; None when no row does."""
-    from ebft_engine.data import render_prompt_ids
-    from ebft_engine.sandbox import run_program
+def code_tasks(rows: list[EvalRow]) -> list[EvalRow]:
+    """The rows pass@1 runs: those with tests, an entry point and a code prompt."""
+    return [r for r in rows if r.test and r.entry_point and r.code_prompt is not None]
 
-    tasks = [r for r in rows if r.test and r.entry_point and r.code_prompt is not None]
+
+def pass_at_1(model, tokenizer, rows: list[EvalRow], cfg, device, *, max_new_tokens: int,
+              timeout_s: float, backend: "Backend") -> tuple[float | None, list[dict]]:
+    """Greedy pass@1 over the rows that carry tests, run in `backend`; None when no row has tests."""
+    from ebft_engine.data import render_prompt_ids
+    from ebft_engine.sandbox import run_programs
+
+    tasks = code_tasks(rows)
     if not tasks:
         return None, []
-    results = []
+    completions, programs = [], []
     for row in tasks:
         p = render_prompt_ids(tokenizer, row.prompt, _chat_kwargs(cfg))
         (ids,) = generate(model, tokenizer, p, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
                           device=device, seed=0)
         completion = tokenizer.decode(ids, skip_special_tokens=True)
+        completions.append(completion)
         program = extract_program(row.code_prompt, completion, row.entry_point)
-        program += f"\n\n{row.test}\n\ncheck({row.entry_point})\n"
-        res = run_program(program, timeout_s=timeout_s)
-        results.append({"task_id": row.task_id, "passed": res.passed, "status": res.status,
-                         "completion": completion, "stderr_tail": res.stderr[-500:]})
+        programs.append(program + f"\n\n{row.test}\n\ncheck({row.entry_point})\n")
+    labels = [f"ebft-sandbox:{row.task_id or i}" for i, row in enumerate(tasks)]
+    outcomes = run_programs(programs, backend=backend, timeout_s=timeout_s, labels=labels)
+    results = [{"task_id": row.task_id, "passed": res.passed, "status": res.status, "completion": completion,
+                "stderr_tail": res.stderr[-500:]} for row, completion, res in zip(tasks, completions, outcomes)]
     return sum(r["passed"] for r in results) / len(results), results
+
+
+def sandbox_fields(backend: "Backend | None") -> dict[str, Any]:
+    """What the eval record says about where generated code ran (always the backend; a warning if unjailed)."""
+    from ebft_engine.sandbox import UNSAFE_WARNING
+
+    if backend is None:
+        return {"sandbox_backend": None}
+    fields: dict[str, Any] = {"sandbox_backend": backend.name}
+    if not backend.jailed:
+        fields["sandbox_warning"] = UNSAFE_WARNING
+    return fields
 
 
 def _chat_kwargs(cfg) -> dict:
@@ -202,12 +226,21 @@ def load_eval_rows(cfg, max_rows: int | None) -> list[EvalRow]:
 
 def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = None, n_samples: int = 4,
              max_new_tokens: int = 256, timeout_s: float = 10.0, seed: int = 0,
-             log_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run all three measurements; append the `eval` record; return it."""
+             log_dir: str | Path | None = None, unsafe_exec: bool = False) -> dict[str, Any]:
+    """Run all three measurements; append the `eval` record; return it.
+
+    Raises SandboxUnavailable before loading the model when rows carry tests, no OS jail works here
+    and `unsafe_exec` is False."""
     from ebft_engine.metrics import MetricsLog
     from ebft_engine.modeling import config_dtype, load_model, load_tokenizer, resolve_device
+    from ebft_engine.sandbox import UNSAFE_NOTICE, detect_backend, require_backend
 
     t0 = time.time()
+    rows = load_eval_rows(cfg, max_rows)
+    backend = require_backend(unsafe_exec) if code_tasks(rows) else None
+    if backend is not None and not backend.jailed:
+        reasons = "".join(f"\n  - {r}" for r in detect_backend()[1])
+        print(UNSAFE_NOTICE + reasons, file=sys.stderr, flush=True)
     device = resolve_device(getattr(cfg, "device", "auto"))
     dtype = config_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
@@ -219,15 +252,15 @@ def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = N
             raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter folder)")
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    rows = load_eval_rows(cfg, max_rows)
     temperature = float(getattr(cfg.trl, "temperature", None) or 0.7) if cfg.mode == "structured" else float(cfg.ebft.temperature)
 
     ce = validation_ce(model, tokenizer, rows, _chat_kwargs(cfg), device)
     cfm, align = feature_matching(model, tokenizer, rows, cfg, device, n=n_samples, temperature=temperature,
                                   max_new_tokens=max_new_tokens, seed=seed)
-    p1, per_task = pass_at_1(model, tokenizer, rows, cfg, device, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    p1, per_task = pass_at_1(model, tokenizer, rows, cfg, device, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                             backend=backend)
     record = {"eval/ce_loss": ce, "eval/cfm_loss": cfm, "eval/alignment": align, "eval/pass@1": p1,
-              "eval/n_rows": len(rows), "eval/n_code_tasks": len(per_task),
+              "eval/n_rows": len(rows), "eval/n_code_tasks": len(per_task), **sandbox_fields(backend),
               "adapter": str(adapter) if adapter else None, "eval/seconds": round(time.time() - t0, 1)}
     out_dir = Path(log_dir or cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +268,8 @@ def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = N
         log.write("eval", step=_last_step(out_dir), **record)
     with open(out_dir / "eval.jsonl", "a", encoding="utf-8") as f:
         for r in per_task:
-            f.write(json.dumps({"ts": time.time(), "adapter": record["adapter"], **r}) + "\n")
+            f.write(json.dumps({"ts": time.time(), "adapter": record["adapter"],
+                                "sandbox_backend": record["sandbox_backend"], **r}) + "\n")
     return record
 
 
@@ -249,7 +283,9 @@ def _last_step(out_dir: Path) -> int:
 def format_report(record: dict[str, Any]) -> Iterable[str]:
     """Human lines for the terminal."""
     p1 = record.get("eval/pass@1")
+    where = ("UNSANDBOXED: --unsafe-exec" if record.get("sandbox_warning")
+             else f"sandbox: {record.get('sandbox_backend')}")
     yield f"validation CE   {record['eval/ce_loss']:.4f}  (per ground-truth token)"
     yield f"CFM loss        {record['eval/cfm_loss']:.4f}  (alignment {record['eval/alignment']:+.3f})"
     yield ("pass@1          n/a (no rows with tests)" if p1 is None
-           else f"pass@1          {p1:.3f}  ({record['eval/n_code_tasks']} tasks, sandboxed)")
+           else f"pass@1          {p1:.3f}  ({record['eval/n_code_tasks']} tasks, {where})")

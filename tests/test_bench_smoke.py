@@ -1,4 +1,5 @@
-"""Smoke tests for bench/: each script's --quick path on the tiniest settings prints its table;
+"""Smoke tests for bench/: each script's --quick path on the tiniest settings prints its table
+(bench/structured_sync_async.py runs in the GPU kit's rehearsal, tests/test_gpu_kit.py);
 strided generation's two generators agree token for token (the benchmark's own check must be able
 to fail, so it is also fed a generator that differs)."""
 
@@ -80,8 +81,10 @@ def test_strided_step_quick(capsys):
     text, results = mod.run(["--quick", "--lengths", "40"])
     print(text)
     rows = table_rows(capsys.readouterr().out, "model")
-    assert [r[:4] for r in rows] == [["tiny", "40", "dense", "folded"], ["tiny", "40", "dense", "copies"]]
-    folded, copies = results
+    assert [r[:5] for r in rows] == [["tiny", "40", "dense", "folded", "step"],
+                                     ["tiny", "40", "dense", "copies", "step"],
+                                     ["tiny", "40", "dense", "folded", "train"]]
+    folded, copies, train = results
     S = 40
     nbg = (folded["T"] - S) // 4  # NB·G slots per sample
     assert copies["T"] == S + nbg and folded["tokens"] == folded["T"]  # one row: the document once
@@ -89,6 +92,55 @@ def test_strided_step_quick(capsys):
     assert folded["tokens_per_s"] > 0 and folded["tflop"] > 0 and folded["mfu"] == "-"  # no MFU on CPU
     assert folded["vs_copies"].endswith("x") and copies["vs_copies"] == "-"
     assert folded["tflop"] < copies["tflop"]  # the same samples for fewer FLOPs
+    # the train row: the same folded forward, its FLOPs the training part of the step's
+    assert train["tokens"] == folded["tokens"] and 0 < train["tflop"] < folded["tflop"]
+
+
+def test_train_alone_replays_rollouts_and_features(monkeypatch):
+    """The `train` rows run the stepper's own step with generation and the feature pass recorded
+    once and replayed: later calls neither sample nor run the frozen pass, and still backward."""
+    mod = load("strided_step")
+    from _common import build_model
+
+    from ebft_engine.config import load_config
+    from ebft_engine.strided.step import StridedStepper
+
+    calls = {"generate": 0, "features": 0}
+    real_generate = mod.step_module.generate_blocks
+    real_features = StridedStepper._features
+
+    def counting_generate(*args, **kwargs):
+        calls["generate"] += 1
+        return real_generate(*args, **kwargs)
+
+    def counting_features(self, *args, **kwargs):
+        calls["features"] += 1
+        return real_features(self, *args, **kwargs)
+
+    monkeypatch.setattr(mod.step_module, "generate_blocks", counting_generate)
+    monkeypatch.setattr(StridedStepper, "_features", counting_features)
+    model = build_model("tiny", device=torch.device("cpu"), dtype=torch.float32)
+    model.train()
+    cfg = load_config(mod.PRESET, ["sequence_len=40"])
+    stepper = StridedStepper(cfg, model, None, "cpu", torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    docs = [{"input_ids": torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(0)).tolist()}]
+    step = mod.train_alone(stepper, docs, optimizer)
+    grads = []
+
+    real_zero = optimizer.zero_grad
+
+    def zero_grad(**kwargs):  # runs right after each backward: record the gradients first
+        grads.append(sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None))
+        real_zero(**kwargs)
+
+    monkeypatch.setattr(optimizer, "zero_grad", zero_grad)
+    first, second = step(), step()
+    assert calls == {"generate": 1, "features": 1}
+    assert first.metrics["loss"] == second.metrics["loss"]  # the same rollouts, unchanged weights
+    assert all(g > 0 for g in grads) and len(grads) == 2
+    assert mod.step_module.generate_blocks is counting_generate  # restored after each call
+    assert "_features" not in vars(stepper)
 
 
 def test_step_flops_full_finetune_is_six_p_per_token():
@@ -113,15 +165,19 @@ def test_step_flops_full_finetune_is_six_p_per_token():
         assert f["generation"] == 2 * p_body * (S + 7 * 4 * layout.NB) + 2 * p_head * head_rows
 
 
-@pytest.mark.slow
-def test_structured_sync_async_quick(capsys):
-    """Two trainer subprocesses against one hf server subprocess (~20-70 s on 2 cores)."""
-    mod = load("structured_sync_async")
-    text, res = mod.run(["--quick", "--steps", "2", "--timeout", "300"])
-    rows = table_rows(text, "mode")
-    assert [r[0] for r in rows] == ["sync", "async"]
-    sync, async_ = res["sync"], res["async_"]
-    assert sync["steps"] == async_["steps"] == 2
-    # sync waits on all of its generation; async at most on all of it
-    assert sync["wait_s"] == pytest.approx(sync["gen_s"], rel=0.05, abs=0.05)
-    assert 0 <= async_["wait_s"] <= async_["loop_s"]
+def test_memory_probe_drops_the_profilers_usdt_lines():
+    """torch's profiler prints `USDT: ... profiler_start/stop` to fd 2 from C++ on every use; the
+    CPU memory probe drops those lines and passes on anything else written meanwhile."""
+    import subprocess
+
+    code = ("import os, sys, torch\n"
+            f"sys.path.insert(0, {str(BENCH)!r})\n"
+            "from _common import cpu_peak_alloc_mb\n"
+            "def work():\n"
+            "    os.write(2, b'kept line\\n')\n"
+            "    return torch.ones(1000) + 1\n"
+            "print(cpu_peak_alloc_mb(work)[0] > 0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "kept line" in done.stderr and "USDT:" not in done.stderr

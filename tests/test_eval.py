@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ebft_engine.eval import EvalRow, extract_program, to_eval_row, validation_ce
-from ebft_engine.sandbox import run_program
+from ebft_engine.sandbox import UNSAFE, detect_backend, run_program
 
 HEADER = 'def add(a, b):\n    """Add two numbers."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
@@ -14,7 +14,8 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candi
 
 def _verdict(completion: str) -> bool:
     program = extract_program(HEADER, completion, "add") + f"\n{TEST}\ncheck(add)\n"
-    return run_program(program).passed
+    # these programs are the test's own, not a model's: without a jail they may run unjailed
+    return run_program(program, backend=detect_backend()[0] or UNSAFE, timeout_s=5).passed
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,44 @@ def test_to_eval_row_maps_each_supported_shape():
         to_eval_row({"text": "no fields"}, 3, "bad.jsonl")
 
 
+def test_eval_refuses_pass_at_1_without_a_sandbox_unless_unsafe_exec(tmp_path):
+    """No OS jail (injected: EBFT_SANDBOX_BACKENDS=none): `ebft eval` stops before loading the model,
+    exit 2, saying how to get one; `--unsafe-exec` is forwarded to the engine and gets past that check
+    (here to the missing model: exit 1, naming it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "EBFT_SANDBOX_BACKENDS": "none"}
+    preset = str(root / "presets" / "smollm2-135m-strided-cpu.yaml")
+    args = [sys.executable, "-c", "from ebft_tui.cli import main; main()", "eval", preset, "base_model=/nonexistent/model",
+            "--max-rows", "1", "--log-dir", str(tmp_path / "run")]
+    refused = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "apt-get install bubblewrap" in refused.stderr and "--unsafe-exec" in refused.stderr
+    assert "/nonexistent/model" not in refused.stderr  # refused before the model was looked for
+    unsafe = subprocess.run(args + ["--unsafe-exec"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert unsafe.returncode == 1 and "/nonexistent/model" in unsafe.stderr, unsafe.stderr[-2000:]
+    assert "WARNING" in unsafe.stderr and "EBFT_SANDBOX_BACKENDS=none" in unsafe.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_report_says_where_generated_code_ran():
+    from ebft_engine.eval import format_report, sandbox_fields
+    from ebft_engine.sandbox import UNSAFE_WARNING, Backend
+
+    base = {"eval/ce_loss": 1.0, "eval/cfm_loss": 0.5, "eval/alignment": 0.1, "eval/pass@1": 0.5,
+            "eval/n_code_tasks": 2}
+    jailed = {**base, **sandbox_fields(Backend("bwrap", "/usr/bin/bwrap"))}
+    assert jailed["sandbox_backend"] == "bwrap" and "sandbox_warning" not in jailed
+    assert "sandbox: bwrap" in list(format_report(jailed))[-1]
+    unsafe = {**base, **sandbox_fields(UNSAFE)}
+    assert unsafe["sandbox_backend"] == "unsafe" and unsafe["sandbox_warning"] == UNSAFE_WARNING
+    assert "UNSANDBOXED" in list(format_report(unsafe))[-1]
+
+
 class _CharTokenizer:
     """A tiny real tokenizer stand-in: one id per character, no chat template."""
 
@@ -75,11 +114,16 @@ def test_validation_ce_equals_manual_token_average(tiny_llama):
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_eval_before_and_after_a_short_cpu_run(tmp_path):
+@pytest.mark.timeout(900)
+def test_eval_before_and_after_a_short_cpu_run(tmp_path, tiny_smollm2_dir):
     """`ebft eval` on the CPU preset prints all three metrics for the base model and for the adapter
-    a short run trained, and appends both as `eval` records to the run's metrics.jsonl."""
+    a short run trained, and appends both as `eval` records to the run's metrics.jsonl. The first
+    runs as if no OS sandbox existed, with --unsafe-exec; its record carries the warning, the second
+    names the jail it used. The model is a tiny random one with SmolLM2's tokenizer: the commands
+    and records are the point, and the real 135M model made this test take minutes (600 s and
+    more on a busy machine)."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -87,24 +131,32 @@ def test_eval_before_and_after_a_short_cpu_run(tmp_path):
     root = Path(__file__).resolve().parents[1]
     preset = str(root / "presets" / "smollm2-135m-strided-cpu.yaml")
     run = tmp_path / "run"
-    common = ["--max-rows", "2", "--max-new-tokens", "24", "--n-samples", "2", "--log-dir", str(run)]
+    model = [f"base_model={tiny_smollm2_dir}", "bf16=false"]
+    common = ["--max-rows", "2", "--max-new-tokens", "16", "--n-samples", "2", "--log-dir", str(run)]
 
-    def ebft(*args: str) -> subprocess.CompletedProcess:
+    def ebft(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ebft_engine", *args], cwd=root, capture_output=True,
-                              text=True, timeout=900)
+                              text=True, timeout=280, env=env)
 
-    before = ebft("eval", preset, *common)
+    before = ebft("eval", preset, *model, *common, "--unsafe-exec",
+                  env={**os.environ, "EBFT_SANDBOX_BACKENDS": "none"})
     assert before.returncode == 0, before.stderr[-2000:]
-    trained = ebft("train", preset, "datasets.0.split=train[:1]", "max_steps=2", "save_steps=2",
+    trained = ebft("train", preset, *model, "datasets.0.split=train[:1]", "max_steps=2", "save_steps=2",
                    "learning_rate=1e-3", f"output_dir={run}")
     assert trained.returncode == 0, trained.stderr[-2000:]
-    after = ebft("eval", preset, "--adapter", str(run / "adapter"), *common)
+    jail = detect_backend()[0]
+    after = ebft("eval", preset, *model, "--adapter", str(run / "adapter"), *common,
+                 *([] if jail else ["--unsafe-exec"]))
     assert after.returncode == 0, after.stderr[-2000:]
     for out in (before.stdout, after.stdout):
         assert "validation CE" in out and "CFM loss" in out and "pass@1" in out
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"event": "eval"' in line]
     assert [e["adapter"] for e in evals] == [None, str(run / "adapter")]
+    assert evals[0]["sandbox_backend"] == "unsafe" and "WITHOUT an OS sandbox" in evals[0]["sandbox_warning"]
+    assert "UNSANDBOXED" in before.stdout and "WARNING" in before.stderr
+    assert evals[1]["sandbox_backend"] == (jail.name if jail else "unsafe")
+    assert ("sandbox_warning" in evals[1]) == (jail is None)
     for e in evals:
         assert e["eval/ce_loss"] > 0 and e["eval/cfm_loss"] >= 0 and 0 <= e["eval/pass@1"] <= 1
     # the trained adapter really is what was evaluated: its CE differs from the base model's

@@ -4,7 +4,6 @@ choice, LoRA, the config-driven builder, and the offline SmolLM2 conversion and 
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -138,26 +137,40 @@ def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
 
 
 def test_conversion_runs_once_under_concurrency_and_is_atomic(monkeypatch, tmp_path):
-    """Two callers at once: one converts, the other waits for the lock and finds the folder."""
+    """Two callers at once: one converts, the other waits for the lock and finds the folder.
+    The interleaving is forced: the second caller starts while the first is converting, and the
+    conversion finishes only after the second found the folder missing (so it must take the lock
+    and look again)."""
     monkeypatch.setenv("EBFT_CACHE", str(tmp_path))
     calls = []
+    converting, second_saw_missing = threading.Event(), threading.Event()
+    real_is_complete = modeling._is_complete
+
+    def is_complete(folder):
+        complete = real_is_complete(folder)
+        if not complete and converting.is_set():
+            second_saw_missing.set()
+        return complete
 
     def fake_convert(gguf, outputs):
         calls.append([d for d, _ in outputs])
-        time.sleep(0.3)
+        converting.set()
+        assert second_saw_missing.wait(60), "the second caller never looked"
         for _, target in outputs:
             target.mkdir(parents=True)
             (target / "config.json").write_text("{}")
             (target / "model.safetensors").write_bytes(b"")
 
     monkeypatch.setattr(modeling, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(modeling, "_is_complete", is_complete)
     monkeypatch.setattr(modeling, "smollm2_gguf_path", lambda: Path("/nowhere/x.gguf"))
     results = []
     threads = [threading.Thread(target=lambda: results.append(modeling.smollm2_folder("float32"))) for _ in range(2)]
+    threads[0].start()
+    assert converting.wait(60)
+    threads[1].start()
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        t.join(120)
     assert calls == [["float32"]] and len(set(results)) == 1
     assert modeling.prepare_smollm2(["float32", "bfloat16"]) and calls == [["float32"], ["bfloat16"]]
     assert sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")) == [
@@ -225,7 +238,7 @@ def test_build_model_and_tokenizer_from_a_config(tiny_folder):
 
 
 @pytest.mark.slow
-def test_smollm2_conversion_gives_a_plain_transformers_folder(smollm2_dir):
+def test_smollm2_conversion_gives_a_plain_transformers_folder(smollm2_dir, monkeypatch):
     """The cached fp32 folder (bootstrap's `prepare-model` converts it on every fresh machine, so
     CI runs the real conversion; the lock and the atomic rename are tested above)."""
     from transformers import AutoModelForCausalLM
@@ -235,9 +248,14 @@ def test_smollm2_conversion_gives_a_plain_transformers_folder(smollm2_dir):
         p.name for p in smollm2_dir.iterdir()}
     assert not [p for p in smollm2_dir.parent.iterdir() if p.name.startswith(".smollm2-135m-instruct-")]
     stamp = (smollm2_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
+
+    def no_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(modeling, "_convert_gguf", no_conversion)
     assert modeling.smollm2_folder("float32") == smollm2_dir  # cached: found, not converted again
-    assert time.perf_counter() - start < 0.5 and (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (smollm2_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    monkeypatch.undo()
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
     assert model.dtype == torch.float32 and model.num_parameters() == 134_515_008
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

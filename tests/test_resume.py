@@ -234,7 +234,7 @@ def test_the_engine_stops_gracefully_when_its_launcher_is_killed(tmp_path, how):
         child_pid = int(launcher.stdout.readline())
         launcher.kill()  # SIGKILL: the launcher runs no cleanup at all
         launcher.wait()
-        deadline = time.time() + 10
+        deadline = time.time() + 60  # a hang guard: the watchdog polls every 0.1 s
         while time.time() < deadline and _alive(child_pid):
             time.sleep(0.1)
         assert not _alive(child_pid), "the engine outlived its launcher"
@@ -261,29 +261,9 @@ def _alive(pid: int) -> bool:
 PRESET = REPO / "presets" / "smollm2-135m-strided-cpu.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a local model folder: the real
-    strided preset runs on it in well under a second a step."""
-    from tiny_models import make_tiny_llama
-    from ebft_engine.modeling import BUILTIN_SMOLLM2, load_tokenizer
-
-    tokenizer = load_tokenizer(BUILTIN_SMOLLM2, dtype="float32")
-    folder = tmp_path_factory.mktemp("tiny-smollm2-tokenizer")
-    make_tiny_llama(seed=0, vocab_size=len(tokenizer), layers=4).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_interrupt_mid_run_then_restart_on_a_tiny_model(tmp_path, tiny_model_dir, sig):
-    interrupt_then_restart(tmp_path, [f"base_model={tiny_model_dir}", "bf16=false"], sig, timeout=300)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_sigkill_mid_run_then_restart_ends_with_one_record_per_step(tmp_path, smollm2_dir):
-    interrupt_then_restart(tmp_path, [], signal.SIGKILL, timeout=1200)
+def test_interrupt_mid_run_then_restart_on_a_tiny_model(tmp_path, tiny_smollm2_dir, sig):
+    interrupt_then_restart(tmp_path, [f"base_model={tiny_smollm2_dir}", "bf16=false"], sig, timeout=300)
 
 
 def interrupt_then_restart(tmp_path, overrides, sig, timeout):

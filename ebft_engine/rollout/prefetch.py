@@ -9,6 +9,10 @@ Staleness is bounded: a batch for step s (which trains after s-1 optimizer updat
 only once the served policy holds at least s-1-max_staleness updates, so `staleness = (s-1) -
 version <= max_staleness` (= `trl.vllm_sync_interval`). With one batch of lookahead the gate never
 has to wait; it is what keeps a deeper lookahead honest. `notify_sync()` wakes it after a sync.
+
+Waiting is measured with `clock` (default `time.monotonic`), read only when the trainer actually
+blocks: a batch already there costs no wait. Tests swap in a simulated clock to force and check
+exact interleavings (generation slower than training, and the reverse) on any machine.
 """
 
 from __future__ import annotations
@@ -30,24 +34,29 @@ class BatchHandle:
     step: int
     policy_name: str
     policy_version: int
+    clock: Callable[[], float] = time.monotonic
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     wait_s: float = 0.0
-    """Seconds the trainer spent blocked on this batch's groups."""
+    """Seconds the trainer spent blocked on this batch (waiting for it to start, then for its
+    groups), by `clock`."""
     _queue: "queue.Queue[Any]" = field(default_factory=queue.Queue)
 
     def groups(self, stop: threading.Event | None = None) -> Iterator[Any]:
         """Yield the groups in arrival order; re-raise a producer error; account waiting time."""
         while True:
-            t0 = time.monotonic()
-            while True:
-                try:
-                    item = self._queue.get(timeout=0.2)
-                    break
-                except queue.Empty:
-                    if stop is not None and stop.is_set():
-                        raise RuntimeError("the generation thread was stopped")
-            self.wait_s += time.monotonic() - t0
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:  # not there yet: the trainer waits on generation
+                t0 = self.clock()
+                while True:
+                    try:
+                        item = self._queue.get(timeout=0.2)
+                        break
+                    except queue.Empty:
+                        if stop is not None and stop.is_set():
+                            raise RuntimeError("the generation thread was stopped")
+                self.wait_s += self.clock() - t0
             if item is _END:
                 return
             if isinstance(item, BaseException):
@@ -59,10 +68,13 @@ class Prefetcher:
     """One producer thread; jobs run in submission order."""
 
     def __init__(self, produce: Callable[[list, int, str], Iterable[Any]],
-                 policy_fn: Callable[[], tuple[str, int]], max_staleness: int):
+                 policy_fn: Callable[[], tuple[str, int]], max_staleness: int, *,
+                 clock: Callable[[], float] = time.monotonic):
         self.produce = produce
         self.policy_fn = policy_fn
         self.max_staleness = int(max_staleness)
+        self.clock = clock
+        """Measures waiting and generation time (`BatchHandle`); swap it before the first submit."""
         self._jobs: deque[tuple[list, int]] = deque()
         self._handles: dict[int, BatchHandle] = {}
         self._cond = threading.Condition()
@@ -86,8 +98,11 @@ class Prefetcher:
 
     def get(self, step: int, timeout: float | None = None) -> BatchHandle:
         """The handle of `step`'s batch once its generation has started (policy pinned)."""
-        t0 = time.monotonic()
+        t0 = time.monotonic()  # for `timeout`, always real time
+        waited_from = None
         with self._cond:
+            if step not in self._handles:
+                waited_from = self.clock()
             while step not in self._handles:
                 if self._stop.is_set():
                     raise RuntimeError("the generation thread was stopped")
@@ -100,7 +115,8 @@ class Prefetcher:
                     raise TimeoutError(f"batch for step {step} did not start within {timeout}s")
                 self._cond.wait(0.2 if remaining is None else min(0.2, remaining))
             handle = self._handles.pop(step)
-        handle.wait_s += time.monotonic() - t0
+        if waited_from is not None:
+            handle.wait_s += self.clock() - waited_from
         return handle
 
     def close(self, timeout: float = 10.0) -> None:
@@ -128,7 +144,8 @@ class Prefetcher:
                 if self._stop.is_set():
                     return
                 self._jobs.popleft()
-                handle = BatchHandle(step=step, policy_name=name, policy_version=version)
+                handle = BatchHandle(step=step, policy_name=name, policy_version=version,
+                                     clock=self.clock, started=self.clock())
                 self._handles[step] = handle
                 self._cond.notify_all()
             try:
@@ -139,5 +156,5 @@ class Prefetcher:
             except BaseException as error:  # handed to the trainer, which raises it
                 handle._queue.put(error)
             finally:
-                handle.finished = time.monotonic()
+                handle.finished = self.clock()
                 handle._queue.put(_END)

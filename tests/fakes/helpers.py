@@ -49,7 +49,7 @@ def fake_plan(run_dir: Path, trainer_args: tuple[str, ...] = (), server_args: tu
                       processes=procs, resolved_config_path=None, gpus=[])
 
 
-def wait_for_file(path: Path, timeout_s: float = 20.0) -> dict:
+def wait_for_file(path: Path, timeout_s: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if path.exists():
@@ -61,8 +61,9 @@ def wait_for_file(path: Path, timeout_s: float = 20.0) -> dict:
     raise TimeoutError(f"{path} did not appear")
 
 
-def wait_dead(pids: list[int], timeout_s: float = 15.0) -> list[int]:
-    """The pids still alive (not zombies) after waiting up to timeout_s."""
+def wait_dead(pids: list[int], timeout_s: float = 60.0) -> list[int]:
+    """The pids still alive (not zombies) after waiting up to timeout_s (a hang guard: it returns
+    as soon as they are gone, so a busy machine only makes it slower, never wrong)."""
     deadline = time.monotonic() + timeout_s
     while True:
         alive = [p for p in pids if p and pid_alive(p)]

@@ -129,3 +129,27 @@ def test_cached_equals_naive_with_sliding_window():
     full = make_layout(torch.tensor([30, 24]), None, 30, stride=2, context_length=4, generate_max_len=5)
     _, lf = generate_blocks(model, ids, full, n_samples=2, temperature=1.0, noise=noise, return_logits=True)
     assert not torch.allclose(la[:, 1:, 1:], lf[:, 1:, 1:], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.8, 0.7)])
+def test_cached_equals_naive_on_cuda_in_float32(temperature, top_p):
+    """The KV-cached generator and the full recompute draw the same tokens on CUDA too (fp32: a
+    bf16 logit a hair off could flip a token on a CDF edge, see docs/benchmarks.md)."""
+    model = make_tiny_llama(seed=1).to("cuda")
+    g = torch.Generator().manual_seed(3)
+    S, n = 36, 3
+    ids = torch.randint(0, V, (3, S), generator=g).cuda()
+    layout = make_layout(torch.tensor([36, 29, 17], device="cuda"), torch.tensor([-1, 8, 2], device="cuda"), S,
+                         stride=3, context_length=5, generate_max_len=6, min_completion_prefix=2)
+    noise = torch.rand(3 * n, layout.G, layout.NB, generator=torch.Generator().manual_seed(5)).cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # τ = 0 warns about argmax
+        a, la = generate_blocks(model, ids, layout, n_samples=n, temperature=temperature, top_p=top_p,
+                                noise=noise, return_logits=True)
+        b, lb = generate_blocks_naive(model, ids, layout, n_samples=n, temperature=temperature,
+                                      top_p=top_p, noise=noise, return_logits=True)
+    assert a.is_cuda and a.shape == (3 * n, layout.NB, layout.G)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(la, lb, atol=1e-3, rtol=0)

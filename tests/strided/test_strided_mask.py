@@ -129,13 +129,44 @@ def test_supports_flex():
     assert supports_flex("cpu", requires_grad=False)
 
 
+def torch_flex_disagrees_with_sdpa(lengths, heads: int = 4, kv_heads: int = 2, head_dim: int = 16):
+    """Why torch's own compiled CPU flex_attention cannot be trusted here, or None: a plain causal
+    mask, no ebft code, against SDPA at each length (compiled as transformers does, static shapes).
+    On some CPUs torch's kernel itself is wrong (torch 2.13 on a 2-core AMD EPYC: NaN at 72 tokens);
+    that is torch's bug, not a mask of ours, and no reason for the suite to fail there."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    for L in lengths:
+        q = torch.randn(1, heads, L, head_dim, generator=g)
+        k, v = (torch.randn(1, kv_heads, L, head_dim, generator=g) for _ in range(2))
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, L, L, device="cpu")
+        try:
+            with torch.no_grad():
+                got = compiled(q, k, v, block_mask=mask, enable_gqa=True)
+        except Exception as exc:  # pragma: no cover - depends on a C++ compiler for inductor
+            return f"flex_attention cannot compile on this machine: {type(exc).__name__}: {exc}"
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        diff = (got - want).abs().max().item()
+        if not diff <= 1e-4:  # NaN fails too
+            return (f"torch's own CPU flex_attention disagrees with SDPA on a plain causal mask at "
+                    f"{L} tokens (max |diff| {diff:.3g}): a torch bug on this processor, not ebft's")
+    return None
+
+
 def test_flex_forward_equals_dense_on_cpu():
-    """One flex forward (compiles once, ~15 s on CPU): same hidden states as dense SDPA."""
+    """One flex forward (compiles once, ~15 s on CPU): same hidden states as dense SDPA. torch's
+    own kernel is checked first (72 tokens and this layout's length): if it is wrong here, skip."""
     if not supports_flex("cpu", requires_grad=False):
         pytest.skip("this torch has no flex_attention")
     model = make_tiny_llama()
     layout = make_layout(torch.tensor([48, 33]), torch.tensor([4, -1]), 48, stride=4, context_length=6,
                          generate_max_len=4, min_completion_prefix=2)
+    reason = torch_flex_disagrees_with_sdpa([72, layout.T])
+    if reason:
+        pytest.skip(reason)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 97, (2, 48), generator=g)
     gen = torch.randint(0, 97, (2, layout.NB, layout.G), generator=g)

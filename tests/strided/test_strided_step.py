@@ -222,3 +222,26 @@ def test_folded_and_copies_steps_train_alike_from_the_same_seed(n):
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attn", ["flex_attention", "sdpa"])
+def test_bf16_step_on_cuda_is_finite(attn):
+    """The GPU path of a strided step: bf16 weights with LoRA, the flex BlockMask (or dense SDPA)
+    for the feature and training forwards; every metric and every LoRA gradient finite."""
+    from peft import LoraConfig, get_peft_model
+
+    base = make_tiny_llama(attn=attn).to("cuda", torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    stepper = StridedStepper(strided_cfg(), model, None, "cuda", torch.bfloat16)
+    assert stepper.use_flex == (attn == "flex_attention")
+    result = stepper.run_step(rows_of([(40, None), (30, 10), (25, 0), (12, 3)]), step=1)
+    assert not result.skipped and result.n_tokens > 0
+    for key in SPEC_METRICS:
+        assert key in result.metrics and math.isfinite(result.metrics[key]), key
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in k for k in grads)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any(g.abs().sum() > 0 for g in grads.values())

@@ -1,6 +1,6 @@
 """A tiny stand-in generation server (stdlib http.server) for failure and bookkeeping tests.
 
-    python fake_server.py --mode MODE --port-file F [--record R] [--delay S]
+    python fake_server.py --mode MODE --port-file F [--record R]
 
 Modes:
   ok          valid vLLM-shaped completions: sample j of a prompt is [40 + j, 41 + j, END]
@@ -10,7 +10,7 @@ Modes:
   error500    /health ok, completions answer 500 with a vLLM error body
   hang        /health ok, completions never answer
 Every request body is appended to --record as a JSON line (path, body, time).
---delay S makes each completion request take S seconds; --same makes the n samples identical.
+--same makes the n samples identical.
 --server-info JSON: what GET /server_info answers as `vllm_config` (default: no such route).
 """
 
@@ -30,7 +30,6 @@ END = 6
 class Handler(BaseHTTPRequestHandler):
     mode = "ok"
     record = None
-    delay = 0.0
     same = False
     server_info = None
     adapters: dict[str, str] = {}
@@ -81,8 +80,6 @@ class Handler(BaseHTTPRequestHandler):
         if self.mode == "error500":
             return self._send(500, {"error": {"message": "engine exploded (fake)",
                                               "type": "InternalServerError", "code": 500}})
-        if self.delay:
-            time.sleep(self.delay)
         prompts = body["prompt"]
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
@@ -108,12 +105,11 @@ def main() -> int:
     ap.add_argument("--mode", default="ok")
     ap.add_argument("--port-file", required=True)
     ap.add_argument("--record", default=None)
-    ap.add_argument("--delay", type=float, default=0.0, help="seconds per completion request")
     ap.add_argument("--same", action="store_true", help="all n samples of a prompt identical")
     ap.add_argument("--server-info", default=None, help="JSON for GET /server_info's vllm_config")
     args = ap.parse_args()
     Handler.server_info = json.loads(args.server_info) if args.server_info else None
-    Handler.mode, Handler.record, Handler.delay = args.mode, args.record, args.delay
+    Handler.mode, Handler.record = args.mode, args.record
     Handler.same = args.same
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

@@ -16,7 +16,7 @@ import yaml
 from conftest import REPO, child_env, wait_for_line
 from ebft_engine.rollout.vllm_launcher import free_port, stop_server
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 
 def write_config(tmp_path: Path, model_dir: Path, **over) -> Path:
@@ -85,10 +85,10 @@ def test_serve_vllm_backend_argv_and_signal_forwarding(tiny_model_dir, tmp_path)
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         argv_file = tmp_path / "argv.txt"
-        t0 = time.monotonic()
+        deadline = time.monotonic() + 240  # a hang guard: starting torch is slow on a busy machine
         while not argv_file.exists():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - t0 < 60
+            assert time.monotonic() < deadline, "the fake vLLM was never started"
             time.sleep(0.1)
         argv = argv_file.read_text().splitlines()
         assert argv[:2] == ["serve", str(tiny_model_dir)]
@@ -102,10 +102,8 @@ def test_serve_vllm_backend_argv_and_signal_forwarding(tiny_model_dir, tmp_path)
 def test_train_without_a_server_exits_nonzero_with_a_clear_error(tiny_model_dir, tmp_path):
     port = free_port()
     cfg = write_config(tmp_path, tiny_model_dir, trl={"vllm_server_port": port})
-    t0 = time.monotonic()
     done = subprocess.run(engine("train", str(cfg)), capture_output=True, text=True,
-                          cwd=str(REPO), env=child_env(), timeout=90)
+                          cwd=str(REPO), env=child_env(), timeout=240)
     assert done.returncode != 0
-    assert time.monotonic() - t0 < 60
-    assert f"127.0.0.1:{port}" in done.stderr and "did not become healthy" in done.stderr
+    assert f"127.0.0.1:{port}" in done.stderr and "did not become healthy within 2s" in done.stderr
     assert "Traceback" not in done.stderr  # the user's to fix (start the server): no traceback

@@ -1,4 +1,5 @@
-"""Failure paths of the client and launcher: every one is a clear error within a bounded time."""
+"""Failure paths of the client and launcher: every one is a clear error naming its cause, never a hang
+(the per-test timeout is the bound; the messages show which path ended each wait)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,11 @@ def fast_client(url: str, **kw) -> GenerationClient:
 def test_unreachable_server_is_a_clear_error(tmp_path):
     port = free_port()
     client = fast_client(f"http://127.0.0.1:{port}", log_path=str(tmp_path / "server.log"))
-    t0 = time.monotonic()
     with pytest.raises(ServerError) as e:
         client.completions([[1, 2, 3]], n=2, max_tokens=4)
-    assert time.monotonic() - t0 < 10
     msg = str(e.value)
     assert f"127.0.0.1:{port}" in msg and "vllm_server_port" in msg and "server.log" in msg
-    with pytest.raises(ServerError, match=f"127.0.0.1:{port}.*did not become healthy"):
+    with pytest.raises(ServerError, match=f"127.0.0.1:{port}.*did not become healthy within 1s"):
         client.wait_for_health(timeout=1.0)
 
 
@@ -36,10 +35,8 @@ def test_server_dying_mid_request(tmp_path):
     try:
         client = fast_client(url, log_path=str(log))
         assert client.health()
-        t0 = time.monotonic()
         with pytest.raises(ServerError) as e:
             client.completions([[1, 2, 3]], n=2, max_tokens=4)
-        assert time.monotonic() - t0 < 15
         assert url.split("//")[1] in str(e.value)
         assert proc.wait(5) == 3
     finally:
@@ -69,10 +66,8 @@ def test_hanging_server_times_out(tmp_path):
     proc, url, _, _ = start_fake(tmp_path, "hang")
     try:
         client = fast_client(url, timeouts=Timeouts(read_base=1.0, read_per_token=0.0))
-        t0 = time.monotonic()
-        with pytest.raises(ServerError, match="no answer"):
+        with pytest.raises(ServerError, match="no answer"):  # the 1 s read timeout, not a hang
             client.completions([[1, 2, 3]], n=1, max_tokens=4)
-        assert time.monotonic() - t0 < 10
     finally:
         stop_server(proc, grace_s=2)
 
@@ -81,10 +76,8 @@ def test_wait_healthy_fails_fast_when_the_process_exits(tmp_path):
     log = tmp_path / "server.log"
     proc = spawn_server([sys.executable, "-c", "import sys; print('CUDA out of memory (fake)'); "
                          "sys.exit(2)"], child_env(), log)
-    t0 = time.monotonic()
-    with pytest.raises(ServerError) as e:
-        wait_healthy(f"http://127.0.0.1:{free_port()}", proc, timeout=60, log_path=log)
-    assert time.monotonic() - t0 < 15
+    with pytest.raises(ServerError) as e:  # the process's exit ends the wait, not the 600 s limit
+        wait_healthy(f"http://127.0.0.1:{free_port()}", proc, timeout=600, log_path=log)
     assert "exited with code 2" in str(e.value) and "CUDA out of memory (fake)" in str(e.value)
 
 
@@ -97,14 +90,20 @@ def test_stop_server_kills_the_process_group(tmp_path):
             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); time.sleep(60)")
     proc = spawn_server([sys.executable, "-c", code], child_env(), log)
-    t0 = time.monotonic()
+    deadline = time.monotonic() + 50  # a hang guard, inside the test's 60 s
     while not pid_file.exists() or not pid_file.read_text():
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() < deadline, "the server never started its child"
         time.sleep(0.05)
     child = int(pid_file.read_text())
     stop_server(proc, grace_s=5)
-    time.sleep(0.2)
-    try:
-        assert psutil.Process(child).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        pass
+    # the child dies with the group (it sleeps, SIGTERM ends it): gone, or a zombie awaiting reaping
+    def dead(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 30  # a hang guard: it returns as soon as the child is dead
+    while not dead(child):
+        assert time.monotonic() < deadline, "the server's child outlived it"
+        time.sleep(0.05)

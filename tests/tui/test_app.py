@@ -83,7 +83,7 @@ def trainer_plan(run_dir: Path, steps: int = 6, interval: float = 0.05, extra: t
     return LaunchPlan(run_dir, "strided", [spec], None, [])
 
 
-async def wait_for(pilot, cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> None:
+async def wait_for(pilot, cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -96,7 +96,7 @@ def child_pids(run_dir: Path) -> list[int]:
     return [p for p in (report["pid"], report.get("grandchild")) if p]
 
 
-def assert_all_dead(pids: list[int], timeout: float = 5.0) -> None:
+def assert_all_dead(pids: list[int], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     alive = list(pids)
     while alive and time.monotonic() < deadline:
@@ -398,16 +398,15 @@ async def test_server_that_dies_before_ready_fails_fast_with_its_log(tmp_path):
     run_dir.mkdir()
     server = ProcessSpec("server", [sys.executable, str(FAKES / "fake_server.py"), "--port", "1",
                                     "--exit-early", "7"], {}, run_dir / "server.log",
-                         ready_url="http://127.0.0.1:1/health", ready_timeout_s=30)
+                         ready_url="http://127.0.0.1:1/health", ready_timeout_s=600)
     plan = trainer_plan(run_dir)
     plan.processes.insert(0, server)
     plan.mode = "structured"
     app = EbftApp(plan=plan, install_signal_handlers=False)
-    started = time.monotonic()
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
+        # the 600 s readiness deadline is far beyond this wait: only the server's exit ends it
         await wait_for(pilot, lambda: screen.finished is not None, what="the launch failure")
-        assert time.monotonic() - started < 15
         await pilot.pause()
         assert "launch failed" in str(screen.query_one("#run-state").content)
         assert screen.query_one("#hints").has_class("-shown")

@@ -46,7 +46,7 @@ def launch(tmp_path: Path, trainer: list[str], server: list[str] | None = None, 
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
 
 
-def read_until(proc: subprocess.Popen, needle: str, timeout_s: float = 30) -> list[str]:
+def read_until(proc: subprocess.Popen, needle: str, timeout_s: float = 90) -> list[str]:
     lines = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -107,27 +107,27 @@ def test_ctrl_c_once_stops_gracefully(tmp_path):
         proc.kill()
     assert proc.returncode == 130, out
     assert "stopping after this step" in out and "Ctrl+C again to kill now" in out and "run stopped" in out
-    assert wait_dead([info["pid"], info["grandchild"]], 5) == []
+    assert wait_dead([info["pid"], info["grandchild"]]) == []
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["status"] == "stopped" and state["processes"][0]["stopped_by_user"]
 
 
 def test_ctrl_c_twice_kills(tmp_path):
+    """The second Ctrl+C kills at once: the grace (600 s) is far beyond the test's own timeout, so
+    only the kill path can end the launcher in time."""
     proc = launch(tmp_path, ["--steps", "1", "--hang", "--ignore-sigterm", "--report", str(tmp_path / "t.json")],
-                  grace=60)
+                  grace=600)
     try:
         read_until(proc, "step 1/1")
         info = wait_for_file(tmp_path / "t.json")
         proc.send_signal(signal.SIGINT)
         read_until(proc, "Ctrl+C again to kill")
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=90)
     finally:
         proc.kill()
-    assert time.monotonic() - t0 < 15  # not the 60 s grace
     assert proc.returncode == 130 and "killing" in out
-    assert wait_dead([info["pid"]], 5) == []
+    assert wait_dead([info["pid"]]) == []
 
 
 def test_sigterm_to_the_launcher_stops_the_children(tmp_path):
@@ -141,7 +141,7 @@ def test_sigterm_to_the_launcher_stops_the_children(tmp_path):
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "server stopped" in out and "trainer stopped" in out
-    assert wait_dead([info["pid"]], 5) == []
+    assert wait_dead([info["pid"]]) == []
 
 
 def test_line_helpers():

@@ -68,10 +68,9 @@ async def test_stop_kills_the_whole_group(tmp_path):
     await sup.start()
     info = await asyncio.to_thread(wait_for_file, report)
     assert info["grandchild"]
-    t0 = time.monotonic()
-    await sup.stop(grace_s=5)
-    assert time.monotonic() - t0 < 5  # SIGTERM was enough
-    assert wait_dead([info["pid"], info["grandchild"]], 2) == []
+    await sup.stop(grace_s=30)
+    assert sup.state("trainer").returncode == -signal.SIGTERM  # SIGTERM was enough: no SIGKILL
+    assert wait_dead([info["pid"], info["grandchild"]]) == []
     assert group_gone(info["pgid"])  # killpg(pgid, 0) may still see zombies when init reaps lazily
     st = sup.state("trainer")
     assert st.state == "stopped" and st.stopped_by_user
@@ -88,10 +87,9 @@ async def test_sigterm_ignoring_child_is_killed_after_grace(tmp_path):
     info = await asyncio.to_thread(wait_for_file, report)
     t0 = time.monotonic()
     await sup.stop(grace_s=0.5)
-    elapsed = time.monotonic() - t0
-    assert 0.5 <= elapsed < 8
+    assert time.monotonic() - t0 >= 0.5  # the grace was given (a lower bound: load cannot break it)
     assert sup.state("trainer").returncode == -signal.SIGKILL
-    assert wait_dead([info["pid"], info["grandchild"]], 2) == []
+    assert wait_dead([info["pid"], info["grandchild"]]) == []
     assert group_gone(info["pgid"])
 
 
@@ -104,7 +102,7 @@ async def test_grandchild_left_behind_by_an_exiting_leader_is_reaped(tmp_path):
     await sup.start()
     info = await asyncio.to_thread(wait_for_file, report)
     assert await sup.wait() == 0
-    assert wait_dead([info["grandchild"]], 2) == []
+    assert wait_dead([info["grandchild"]]) == []
     assert group_gone(info["pgid"])
 
 
@@ -112,12 +110,10 @@ async def test_server_exiting_early_fails_fast_with_log_tail(tmp_path):
     plan = fake_plan(tmp_path / "run", ("--steps", "1"), ("--exit-early", "7"), timeout_s=60)
     events: list = []
     sup = Supervisor(plan, on_event=collect(events), ready_poll_s=0.2)
-    t0 = time.monotonic()
     with pytest.raises(LaunchFailed) as ei:
         await sup.start()
-    assert time.monotonic() - t0 < 10  # not the 60 s deadline
     assert ei.value.name == "server"
-    assert "exited with code 7" in ei.value.reason
+    assert "exited with code 7" in ei.value.reason  # its exit, not the 60 s deadline
     assert any("CUDA out of memory" in ln for ln in ei.value.log_tail)
     failed = [e for e in events if e.kind == "failed"]
     assert len(failed) == 1 and failed[0].name == "server"
@@ -133,11 +129,11 @@ async def test_server_never_healthy_times_out_and_is_stopped(tmp_path):
     t0 = time.monotonic()
     with pytest.raises(LaunchFailed) as ei:
         await sup.start()
-    assert 1.5 <= time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 >= 1.5  # waited out its deadline (a lower bound)
     assert "not ready after" in ei.value.reason and "HTTP 503" in ei.value.reason
     assert any("fake server" in ln for ln in ei.value.log_tail)
     info = json.loads(report.read_text())
-    assert wait_dead([info["pid"]], 2) == [] and group_gone(info["pgid"])
+    assert wait_dead([info["pid"]]) == [] and group_gone(info["pgid"])
     assert sup.state("server").state == "failed"
 
 
@@ -153,7 +149,7 @@ async def test_trainer_crash_stops_server_and_returns_its_code(tmp_path):
     assert failed and failed[0].name == "trainer" and failed[0].returncode == 3
     assert any("fake trainer crashing" in ln for ln in failed[0].log_tail)
     assert sup.state("server").state == "stopped"
-    assert wait_dead([json.loads(report.read_text())["pid"]], 2) == []
+    assert wait_dead([json.loads(report.read_text())["pid"]]) == []
     assert json.loads((plan.run_dir / "state.json").read_text())["status"] == "failed"
 
 
@@ -177,12 +173,12 @@ async def test_restart_starts_fresh_processes(tmp_path):
     await sup.restart()
     pid2 = sup.state("trainer").pid
     assert pid2 and pid2 != pid1 and sup.state("trainer").state == "running"
-    assert wait_dead([pid1], 2) == []
+    assert wait_dead([pid1]) == []
     await asyncio.sleep(0.3)
     assert not waiter.done()
     await sup.stop(grace_s=2)
     assert await asyncio.wait_for(waiter, 10) == 128 + signal.SIGTERM
-    assert wait_dead([pid2], 2) == []
+    assert wait_dead([pid2]) == []
 
 
 LAUNCHER = textwrap.dedent("""
@@ -229,7 +225,7 @@ def test_launcher_death_leaves_no_child(tmp_path, mode):
             launcher.kill()
         launcher.wait(20)
         # The fakes' parent watchdog (like ebft_engine/watchdog.py) takes each group down.
-        assert wait_dead(pids, 15) == []
+        assert wait_dead(pids) == []
         assert group_gone(t["pgid"]) and group_gone(s["pgid"])
     finally:
         kill_quietly([launcher.pid, *pids])
