@@ -36,7 +36,7 @@ import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
@@ -242,8 +242,11 @@ class EbftConfig(_Section):
     test_datasets: list[DatasetConfig] | None = _f(None, "Held-out datasets for evaluation", section="data")
     val_set_size: float = _f(0.0, "Held-out part of the training data: a fraction < 1 or a row count",
                              section="data", ge=0)
-    chat_template: str | None = _f(None, "Chat template name or Jinja text (unset: the tokenizer's)",
+    chat_template: str | None = _f(None, "Chat template: chatml, jinja (the text of chat_template_jinja), "
+                                   "Jinja text itself, or unset / tokenizer_default (the tokenizer's)",
                                    section="data")
+    chat_template_jinja: str | None = _f(None, "Jinja chat template text, used with `chat_template: jinja`",
+                                         section="data")
     special_tokens: dict[str, str] = _f(None, "Special tokens to set, e.g. {pad_token: '<|endoftext|>'}",
                                         section="data", factory=dict)
 
@@ -270,6 +273,12 @@ class EbftConfig(_Section):
     warmup_ratio: float | None = _f(None, "Warmup as a fraction of all steps (or set warmup_steps)",
                                     section="training", ge=0, lt=1)
     weight_decay: float = _f(0.0, "Weight decay", section="training", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1: decay of the running mean of gradients", section="training",
+                           ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2: decay of the running mean of squared gradients",
+                           section="training", ge=0, lt=1)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon: added to the denominator for numerical stability",
+                             section="training", gt=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off)", section="training", ge=0)
     seed: int = _f(42, "Random seed", section="training")
 
@@ -932,161 +941,282 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", tail.lower()).strip("-") or "model"
 
 
+@dataclass
+class _Findings:
+    """What the cross-key rules found: problems (the config cannot run) and warnings."""
+
+    problems: list[Problem]
+    warnings: list[str]
+
+    def bad(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message))
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+Rule = Callable[[EbftConfig, _Findings], None]
+
+
+# -- every mode ------------------------------------------------------------------------------------
+
+
+def _rl_is_ebft(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.rl is None:
+        found.bad("rl", "`rl` is missing. This trainer runs Energy-Based Fine-Tuning only: add `rl: ebft`.")
+    elif cfg.rl != "ebft":
+        found.bad("rl", f"`rl: {cfg.rl}`: this trainer runs Energy-Based Fine-Tuning only. Set `rl: ebft` "
+                        "(other methods such as grpo or dpo need another trainer).")
+
+
+def _base_model_is_set(cfg: EbftConfig, found: _Findings) -> None:
+    if not cfg.base_model.strip():
+        found.bad("base_model", "`base_model` is missing. Set it to a hub id (e.g. Qwen/Qwen3-4B), a local "
+                                "model folder, a GGUF file, or builtin:smollm2-135m-instruct.")
+
+
+def _datasets_are_set(cfg: EbftConfig, found: _Findings) -> None:
+    if not cfg.datasets:
+        found.bad("datasets", "`datasets` is missing or empty. Add at least one, e.g.\n"
+                              "datasets:\n  - path: nvidia/OpenCodeInstruct\n    type: ebft_opencode.transform\n"
+                              "    split: train[:500]")
+
+
+def _dataset_entries_have_path_and_split(cfg: EbftConfig, found: _Findings) -> None:
+    for label, items in (("datasets", cfg.datasets), ("test_datasets", cfg.test_datasets or [])):
+        for i, ds in enumerate(items):
+            if not ds.path.strip():
+                found.bad(f"{label}[{i}].path", f"`{label}[{i}].path` is missing. Give a hub id, a local file "
+                                                "or folder, or builtin:humaneval.")
+            if not re.fullmatch(r"[\w.\-]+(\[[^\[\]]*\])?(\+[\w.\-]+(\[[^\[\]]*\])?)*", ds.split.strip()):
+                found.bad(f"{label}[{i}].split", f"`{label}[{i}].split: {ds.split}` is not a split name with an "
+                                                 "optional slice. Write e.g. `train`, `train[:500]`, `train[:1%]` "
+                                                 "or `train[100:200]`.")
+
+
+def _flex_implementation_means_flex_attention(cfg: EbftConfig, found: _Findings) -> None:
+    """`attn_implementation: flex_attention` (axolotl configs) sets `flex_attention: true`."""
+    if cfg.attn_implementation == "flex_attention":
+        if "flex_attention" in cfg.model_fields_set and not cfg.flex_attention:
+            found.bad("flex_attention", "`attn_implementation: flex_attention` and `flex_attention: false` "
+                                        "contradict each other. Remove one of them.")
+        cfg.flex_attention = True
+
+
+def _one_attention_kernel(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.flex_attention and (cfg.flash_attention or cfg.attn_implementation in (
+            "flash_attention_2", "flash_attention_3")):
+        found.bad("flash_attention", "`flash_attention` and `flex_attention` are both on. Choose one: strided "
+                                     "mode wants `flex_attention: true` (block-parallel mask kernels), structured "
+                                     "mode usually `flash_attention: true`.")
+
+
+def _no_compile_with_strided_flex(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.ebft.mode == "strided" and cfg.flex_attention and cfg.torch_compile:
+        found.bad("torch_compile", "`torch_compile: true` must not be set with strided `flex_attention`: "
+                                   "flex_attention compiles its own kernels, and compiling the model too causes "
+                                   "conflicts and out-of-memory errors. Remove `torch_compile` (or set it false).")
+
+
+def _reentrant_checkpointing_with_strided_flex(cfg: EbftConfig, found: _Findings) -> None:
+    if (cfg.ebft.mode == "strided" and cfg.flex_attention and cfg.gradient_checkpointing
+            and not cfg.gradient_checkpointing_kwargs.use_reentrant):
+        found.bad("gradient_checkpointing_kwargs.use_reentrant",
+                  "`gradient_checkpointing_kwargs.use_reentrant: false` with strided `flex_attention`: "
+                  "non-reentrant checkpointing raises CheckpointError with flex_attention block masks. Set "
+                  "`gradient_checkpointing_kwargs: {use_reentrant: true}` (or turn off gradient_checkpointing).")
+
+
+def _no_offloading_with_flex(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.activation_offloading and cfg.flex_attention:
+        found.bad("activation_offloading", "`activation_offloading: true` is incompatible with `flex_attention`. "
+                                           "Turn one of them off (strided mode: keep flex_attention and use "
+                                           "gradient_checkpointing to save memory).")
+
+
+def _one_half_precision(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.bf16 is True and cfg.fp16:
+        found.bad("fp16", "`bf16: true` and `fp16: true` are both set. Choose one (bf16: auto picks bf16 where "
+                          "the device supports it).")
+
+
+def _one_warmup(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
+        found.bad("warmup_ratio", "`warmup_steps` and `warmup_ratio` are both set. Keep one of them.")
+
+
+def _one_eval_source(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.test_datasets and cfg.val_set_size > 0:
+        found.bad("val_set_size", "`test_datasets` and `val_set_size` are both set. Use one: held-out datasets, "
+                                  "or a part of the training data (set val_set_size: 0).")
+
+
+def _lora_target_regex_compiles(cfg: EbftConfig, found: _Findings) -> None:
+    if isinstance(cfg.lora_target_modules, str):
+        try:
+            re.compile(cfg.lora_target_modules)
+        except re.error as error:
+            found.bad("lora_target_modules", f"`lora_target_modules` is a string, so it is a regular expression, "
+                                             f"but it does not compile ({error}). Fix it, or give a list of module "
+                                             "names such as [q_proj, v_proj].")
+
+
+def _lora_targets_every_linear_by_default(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.adapter == "lora" and not cfg.lora_target_linear and not cfg.lora_target_modules:
+        cfg.lora_target_linear = True
+        found.warn("`adapter: lora` without `lora_target_linear` or `lora_target_modules`: targeting "
+                   "every linear layer (lora_target_linear: true).")
+
+
+# -- strided mode ----------------------------------------------------------------------------------
+
+
+def _one_sample_means_reinforce(cfg: EbftConfig, found: _Findings) -> None:
+    e = cfg.ebft
+    if e.n_samples_per_prompt == 1 and (e.advantage_estimator != "reinforce" or e.diversity_coef != 0):
+        e.advantage_estimator = "reinforce"
+        e.diversity_coef = 0.0
+        found.warn("`ebft.n_samples_per_prompt: 1`: switching `ebft.advantage_estimator` to "
+                   "reinforce and `ebft.diversity_coef` to 0 (baselines and the diversity penalty "
+                   "need several samples per document).")
+
+
+def _sequence_holds_a_block(cfg: EbftConfig, found: _Findings) -> None:
+    e = cfg.ebft
+    need = e.context_length + e.generate_max_len
+    if cfg.sequence_len < need:
+        found.bad("sequence_len", f"`sequence_len: {cfg.sequence_len}` leaves no room for a single block: a "
+                                  f"strided block needs `ebft.context_length` ({e.context_length}) + "
+                                  f"`ebft.generate_max_len` ({e.generate_max_len}) = {need} tokens. Raise "
+                                  "sequence_len or lower those two.")
+
+
+def _dense_mask_costs_memory(cfg: EbftConfig, found: _Findings) -> None:
+    if not cfg.flex_attention and cfg.device != "cpu":
+        found.warn("strided mode without `flex_attention: true` uses a dense attention mask, "
+                   "which takes much more memory on long sequences.")
+
+
+def _structured_settings_do_nothing(cfg: EbftConfig, found: _Findings) -> None:
+    changed = [f"trl.{k}" for k in _changed(cfg.trl)] + [f"vllm.{k}" for k in _changed(cfg.vllm)]
+    changed += [f"ebft.{k}" for k in _changed(cfg.ebft, _STRUCTURED_ONLY_EBFT)]
+    if changed:
+        found.warn(f"{', '.join(f'`{k}`' for k in changed)}: structured-mode settings, without "
+                   "effect in strided mode.")
+
+
+# -- structured mode -------------------------------------------------------------------------------
+
+
+def _generations_are_set(cfg: EbftConfig, found: _Findings) -> None:
+    t = cfg.trl
+    if t.num_generations is None:
+        found.bad("trl.num_generations", "`trl.num_generations` is required in structured mode: the number "
+                                         "of completions generated per prompt, e.g. `trl: {num_generations: 4}`.")
+    elif t.num_generations < 2:
+        found.bad("trl.num_generations", f"`trl.num_generations: {t.num_generations}`: with one completion "
+                                         "per prompt every group-normalised advantage is zero and nothing is "
+                                         "learned. Use 2 or more (4 is typical).")
+    if t.max_completion_length is None:
+        found.bad("trl.max_completion_length", "`trl.max_completion_length` is required in structured mode: "
+                                               "the maximum tokens per completion, e.g. 256.")
+
+
+def _batches_hold_whole_groups(cfg: EbftConfig, found: _Findings) -> None:
+    group = _group_problem(cfg)
+    if group is not None and cfg.trl.num_generations and cfg.trl.num_generations >= 2:
+        found.problems.append(group)
+
+
+def _lora_sync_needs_lora(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.trl.vllm_lora_sync and cfg.adapter != "lora":
+        found.bad("trl.vllm_lora_sync", "`trl.vllm_lora_sync: true` syncs a LoRA adapter, but this config "
+                                        "trains the full model (no `adapter: lora`). Set `adapter: lora`, or "
+                                        "set vllm_lora_sync: false to sync full weights.")
+
+
+def _no_vllm_means_the_hf_server(cfg: EbftConfig, found: _Findings) -> None:
+    v = cfg.vllm
+    if cfg.trl.use_vllm is False:
+        if "backend" in v.model_fields_set and v.backend == "vllm":
+            found.bad("vllm.backend", "`trl.use_vllm: false` and `vllm.backend: vllm` contradict each other. "
+                                      "Remove one: `vllm.backend: hf` generates with our transformers server.")
+        elif v.backend != "hf":
+            v.backend = "hf"
+            found.warn("`trl.use_vllm: false`: generating with our transformers server (vllm.backend: hf).")
+
+
+def _context_holds_a_prompt(cfg: EbftConfig, found: _Findings) -> None:
+    v, t = cfg.vllm, cfg.trl
+    if (v.max_model_len is not None and t.max_completion_length is not None
+            and v.max_model_len <= t.max_completion_length):
+        found.bad("vllm.max_model_len", f"`vllm.max_model_len: {v.max_model_len}` leaves no room for a prompt "
+                                        f"before `trl.max_completion_length: {t.max_completion_length}` "
+                                        "tokens. Raise max_model_len (prompt + completion) or lower "
+                                        "max_completion_length.")
+
+
+def _epsilon_high_not_below_epsilon(cfg: EbftConfig, found: _Findings) -> None:
+    t = cfg.trl
+    if t.epsilon_high is not None and t.epsilon_high < t.epsilon:
+        found.bad("trl.epsilon_high", f"`trl.epsilon_high: {t.epsilon_high}` is below `trl.epsilon: "
+                                      f"{t.epsilon}`. Set it >= epsilon, or remove it to use epsilon.")
+
+
+def _streaming_needs_async(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.trl.streaming_partial_batch and not cfg.trl.async_prefetch:
+        found.warn("`trl.streaming_partial_batch: true` has an effect only with `trl.async_prefetch: true`.")
+
+
+def _server_off_loopback_is_reachable(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.server_host != LOOPBACK and cfg.server_host != "localhost":
+        found.warn(f"`trl.vllm_server_host: {cfg.server_host}`: the generation server will be "
+                   "reachable from the network; the trainer still connects through 127.0.0.1. "
+                   "Remove the key to listen on loopback only.")
+
+
+def _strided_settings_do_nothing(cfg: EbftConfig, found: _Findings) -> None:
+    changed = [f"ebft.{k}" for k in _changed(cfg.ebft, _STRIDED_ONLY_EBFT)]
+    if changed:
+        found.warn(f"{', '.join(f'`{k}`' for k in changed)}: strided-mode settings, without effect "
+                   "in structured mode (sampling uses trl.temperature / trl.top_p).")
+
+
+# -- the table -------------------------------------------------------------------------------------
+
+COMMON_RULES: tuple[Rule, ...] = (
+    _rl_is_ebft, _base_model_is_set, _datasets_are_set, _dataset_entries_have_path_and_split,
+    _flex_implementation_means_flex_attention, _one_attention_kernel, _no_compile_with_strided_flex,
+    _reentrant_checkpointing_with_strided_flex, _no_offloading_with_flex, _one_half_precision,
+    _one_warmup, _one_eval_source, _lora_target_regex_compiles, _lora_targets_every_linear_by_default,
+)
+STRIDED_RULES: tuple[Rule, ...] = (
+    _one_sample_means_reinforce, _sequence_holds_a_block, _dense_mask_costs_memory,
+    _structured_settings_do_nothing,
+)
+STRUCTURED_RULES: tuple[Rule, ...] = (
+    _generations_are_set, _batches_hold_whole_groups, _lora_sync_needs_lora, _no_vllm_means_the_hf_server,
+    _context_holds_a_prompt, _epsilon_high_not_below_epsilon, _streaming_needs_async,
+    _server_off_loopback_is_reachable, _strided_settings_do_nothing,
+)
+"""The cross-key rules, in the order they run (and report). A rule may also fix up what has one
+meaning (`attn_implementation: flex_attention` sets `flex_attention`) and warn that it did."""
+
+
 def _resolve(cfg: EbftConfig, warnings: list[str], mode_known: bool = True) -> list[Problem]:
     """Apply the cross-key rules: fix up what has one meaning, report what cannot run.
 
     With `mode_known` false (`ebft.mode` itself was invalid) the mode-specific rules are skipped:
     they would only guess."""
-    problems: list[Problem] = []
-    e, t, v = cfg.ebft, cfg.trl, cfg.vllm
-    strided = e.mode == "strided"
-
-    def bad(key: str, message: str) -> None:
-        problems.append(Problem(key, message))
-
-    if cfg.rl is None:
-        bad("rl", "`rl` is missing. This trainer runs Energy-Based Fine-Tuning only: add `rl: ebft`.")
-    elif cfg.rl != "ebft":
-        bad("rl", f"`rl: {cfg.rl}`: this trainer runs Energy-Based Fine-Tuning only. Set `rl: ebft` "
-                  "(other methods such as grpo or dpo need another trainer).")
-    if not cfg.base_model.strip():
-        bad("base_model", "`base_model` is missing. Set it to a hub id (e.g. Qwen/Qwen3-4B), a local "
-                          "model folder, a GGUF file, or builtin:smollm2-135m-instruct.")
-    if not cfg.datasets:
-        bad("datasets", "`datasets` is missing or empty. Add at least one, e.g.\n"
-                        "datasets:\n  - path: nvidia/OpenCodeInstruct\n    type: ebft_opencode.transform\n"
-                        "    split: train[:500]")
-    for label, items in (("datasets", cfg.datasets), ("test_datasets", cfg.test_datasets or [])):
-        for i, ds in enumerate(items):
-            if not ds.path.strip():
-                bad(f"{label}[{i}].path", f"`{label}[{i}].path` is missing. Give a hub id, a local file "
-                                          "or folder, or builtin:humaneval.")
-            if not re.fullmatch(r"[\w.\-]+(\[[^\[\]]*\])?(\+[\w.\-]+(\[[^\[\]]*\])?)*", ds.split.strip()):
-                bad(f"{label}[{i}].split", f"`{label}[{i}].split: {ds.split}` is not a split name with an "
-                                           "optional slice. Write e.g. `train`, `train[:500]`, `train[:1%]` "
-                                           "or `train[100:200]`.")
-
-    # Attention and memory settings.
-    if cfg.attn_implementation == "flex_attention":
-        if "flex_attention" in cfg.model_fields_set and not cfg.flex_attention:
-            bad("flex_attention", "`attn_implementation: flex_attention` and `flex_attention: false` "
-                                  "contradict each other. Remove one of them.")
-        cfg.flex_attention = True
-    if cfg.flex_attention and (cfg.flash_attention or cfg.attn_implementation in (
-            "flash_attention_2", "flash_attention_3")):
-        bad("flash_attention", "`flash_attention` and `flex_attention` are both on. Choose one: strided "
-                               "mode wants `flex_attention: true` (block-parallel mask kernels), structured "
-                               "mode usually `flash_attention: true`.")
-    if strided and cfg.flex_attention and cfg.torch_compile:
-        bad("torch_compile", "`torch_compile: true` must not be set with strided `flex_attention`: "
-                             "flex_attention compiles its own kernels, and compiling the model too causes "
-                             "conflicts and out-of-memory errors. Remove `torch_compile` (or set it false).")
-    if (strided and cfg.flex_attention and cfg.gradient_checkpointing
-            and not cfg.gradient_checkpointing_kwargs.use_reentrant):
-        bad("gradient_checkpointing_kwargs.use_reentrant",
-            "`gradient_checkpointing_kwargs.use_reentrant: false` with strided `flex_attention`: "
-            "non-reentrant checkpointing raises CheckpointError with flex_attention block masks. Set "
-            "`gradient_checkpointing_kwargs: {use_reentrant: true}` (or turn off gradient_checkpointing).")
-    if cfg.activation_offloading and cfg.flex_attention:
-        bad("activation_offloading", "`activation_offloading: true` is incompatible with `flex_attention`. "
-                                     "Turn one of them off (strided mode: keep flex_attention and use "
-                                     "gradient_checkpointing to save memory).")
-    if cfg.bf16 is True and cfg.fp16:
-        bad("fp16", "`bf16: true` and `fp16: true` are both set. Choose one (bf16: auto picks bf16 where "
-                    "the device supports it).")
-    if cfg.warmup_steps is not None and cfg.warmup_ratio is not None:
-        bad("warmup_ratio", "`warmup_steps` and `warmup_ratio` are both set. Keep one of them.")
-    if cfg.test_datasets and cfg.val_set_size > 0:
-        bad("val_set_size", "`test_datasets` and `val_set_size` are both set. Use one: held-out datasets, "
-                            "or a part of the training data (set val_set_size: 0).")
-    if isinstance(cfg.lora_target_modules, str):
-        try:
-            re.compile(cfg.lora_target_modules)
-        except re.error as error:
-            bad("lora_target_modules", f"`lora_target_modules` is a string, so it is a regular expression, "
-                                       f"but it does not compile ({error}). Fix it, or give a list of module "
-                                       "names such as [q_proj, v_proj].")
-    if cfg.adapter == "lora" and not cfg.lora_target_linear and not cfg.lora_target_modules:
-        cfg.lora_target_linear = True
-        warnings.append("`adapter: lora` without `lora_target_linear` or `lora_target_modules`: targeting "
-                        "every linear layer (lora_target_linear: true).")
-
-    # Strided mode.
-    if not mode_known:
-        pass
-    elif strided:
-        if e.n_samples_per_prompt == 1 and (e.advantage_estimator != "reinforce" or e.diversity_coef != 0):
-            e.advantage_estimator = "reinforce"
-            e.diversity_coef = 0.0
-            warnings.append("`ebft.n_samples_per_prompt: 1`: switching `ebft.advantage_estimator` to "
-                            "reinforce and `ebft.diversity_coef` to 0 (baselines and the diversity penalty "
-                            "need several samples per document).")
-        need = e.context_length + e.generate_max_len
-        if cfg.sequence_len < need:
-            bad("sequence_len", f"`sequence_len: {cfg.sequence_len}` leaves no room for a single block: a "
-                                f"strided block needs `ebft.context_length` ({e.context_length}) + "
-                                f"`ebft.generate_max_len` ({e.generate_max_len}) = {need} tokens. Raise "
-                                "sequence_len or lower those two.")
-        if not cfg.flex_attention and cfg.device != "cpu":
-            warnings.append("strided mode without `flex_attention: true` uses a dense attention mask, "
-                            "which takes much more memory on long sequences.")
-        changed = [f"trl.{k}" for k in _changed(t)] + [f"vllm.{k}" for k in _changed(v)]
-        changed += [f"ebft.{k}" for k in _changed(e, _STRUCTURED_ONLY_EBFT)]
-        if changed:
-            warnings.append(f"{', '.join(f'`{k}`' for k in changed)}: structured-mode settings, without "
-                            "effect in strided mode.")
-
-    # Structured mode.
-    else:
-        if t.num_generations is None:
-            bad("trl.num_generations", "`trl.num_generations` is required in structured mode: the number "
-                                       "of completions generated per prompt, e.g. `trl: {num_generations: 4}`.")
-        elif t.num_generations < 2:
-            bad("trl.num_generations", f"`trl.num_generations: {t.num_generations}`: with one completion "
-                                       "per prompt every group-normalised advantage is zero and nothing is "
-                                       "learned. Use 2 or more (4 is typical).")
-        if t.max_completion_length is None:
-            bad("trl.max_completion_length", "`trl.max_completion_length` is required in structured mode: "
-                                             "the maximum tokens per completion, e.g. 256.")
-        group = _group_problem(cfg)
-        if group is not None and t.num_generations and t.num_generations >= 2:
-            problems.append(group)
-        if t.vllm_lora_sync and cfg.adapter != "lora":
-            bad("trl.vllm_lora_sync", "`trl.vllm_lora_sync: true` syncs a LoRA adapter, but this config "
-                                      "trains the full model (no `adapter: lora`). Set `adapter: lora`, or "
-                                      "set vllm_lora_sync: false to sync full weights.")
-        if t.use_vllm is False:
-            if "backend" in v.model_fields_set and v.backend == "vllm":
-                bad("vllm.backend", "`trl.use_vllm: false` and `vllm.backend: vllm` contradict each other. "
-                                    "Remove one: `vllm.backend: hf` generates with our transformers server.")
-            elif v.backend != "hf":
-                v.backend = "hf"
-                warnings.append("`trl.use_vllm: false`: generating with our transformers server "
-                                "(vllm.backend: hf).")
-        if (v.max_model_len is not None and t.max_completion_length is not None
-                and v.max_model_len <= t.max_completion_length):
-            bad("vllm.max_model_len", f"`vllm.max_model_len: {v.max_model_len}` leaves no room for a prompt "
-                                      f"before `trl.max_completion_length: {t.max_completion_length}` "
-                                      "tokens. Raise max_model_len (prompt + completion) or lower "
-                                      "max_completion_length.")
-        if t.epsilon_high is not None and t.epsilon_high < t.epsilon:
-            bad("trl.epsilon_high", f"`trl.epsilon_high: {t.epsilon_high}` is below `trl.epsilon: "
-                                    f"{t.epsilon}`. Set it >= epsilon, or remove it to use epsilon.")
-        if t.streaming_partial_batch and not t.async_prefetch:
-            warnings.append("`trl.streaming_partial_batch: true` has an effect only with "
-                            "`trl.async_prefetch: true`.")
-        if cfg.server_host != LOOPBACK and cfg.server_host != "localhost":
-            warnings.append(f"`trl.vllm_server_host: {cfg.server_host}`: the generation server will be "
-                            "reachable from the network; the trainer still connects through 127.0.0.1. "
-                            "Remove the key to listen on loopback only.")
-        changed = [f"ebft.{k}" for k in _changed(e, _STRIDED_ONLY_EBFT)]
-        if changed:
-            warnings.append(f"{', '.join(f'`{k}`' for k in changed)}: strided-mode settings, without effect "
-                            "in structured mode (sampling uses trl.temperature / trl.top_p).")
-
+    found = _Findings([], warnings)
+    rules = COMMON_RULES
+    if mode_known:
+        rules += STRIDED_RULES if cfg.ebft.mode == "strided" else STRUCTURED_RULES
+    for rule in rules:
+        rule(cfg, found)
     if not cfg.output_dir.strip():
-        cfg.output_dir = f"./outputs/ebft-{_slug(cfg.base_model)}-{e.mode}"
-    return problems
+        cfg.output_dir = f"./outputs/ebft-{_slug(cfg.base_model)}-{cfg.ebft.mode}"
+    return found.problems
 
 
 __all__ = [

@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # `datasets` is imported where used: `validate` must stay fas
     import datasets
     from transformers import PreTrainedTokenizerBase
 
+    from ebft_engine.config import DatasetConfig, EbftConfig
+
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -28,15 +30,10 @@ class DatasetError(ValueError):
 # --- prompt rendering ----------------------------------------------------------------------------
 
 
-def chat_template_kwargs(cfg: Any) -> dict:
-    """`trl.chat_template_kwargs` (the spec's place, e.g. `enable_thinking: false`), or a
-    top-level `chat_template_kwargs`. Training data, generation and features must all render
-    prompts with the same kwargs."""
-    for owner in (getattr(cfg, "trl", None), cfg):
-        value = getattr(owner, "chat_template_kwargs", None) if owner is not None else None
-        if value:
-            return dict(value.model_dump() if hasattr(value, "model_dump") else value)
-    return {}
+def chat_template_kwargs(cfg: EbftConfig) -> dict:
+    """`trl.chat_template_kwargs` (the spec's place, e.g. `enable_thinking: false`). Training data,
+    generation and features must all render prompts with the same kwargs."""
+    return dict(cfg.trl.chat_template_kwargs)
 
 
 def encode_text(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
@@ -108,12 +105,7 @@ def slice_rows(ds: "datasets.Dataset", start: str | None, stop: str | None) -> "
 # --- sources ---------------------------------------------------------------------------------------
 
 
-def _get(spec: Any, key: str, default: Any = None) -> Any:
-    value = spec.get(key, default) if isinstance(spec, dict) else getattr(spec, key, default)
-    return default if value is None else value
-
-
-def _load_local(path: Path, split_name: str, spec: Any) -> "datasets.Dataset":
+def _load_local(path: Path, split_name: str, spec: DatasetConfig) -> "datasets.Dataset":
     import datasets
 
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
@@ -123,8 +115,8 @@ def _load_local(path: Path, split_name: str, spec: Any) -> "datasets.Dataset":
                 raise DatasetError(f"dataset {path}: no split {split_name!r} (it has {', '.join(loaded)})")
             return loaded[split_name]
         return loaded
-    if path.is_dir() and _get(spec, "data_files"):
-        data_files = _get(spec, "data_files")
+    if path.is_dir() and spec.data_files:
+        data_files = spec.data_files
         files = [path / f for f in ([data_files] if isinstance(data_files, str) else data_files)]
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
@@ -134,12 +126,11 @@ def _load_local(path: Path, split_name: str, spec: Any) -> "datasets.Dataset":
     else:
         files = [path]
     kinds = {LOCAL_FORMATS.get(f.suffix) for f in files}
-    ds_type = _get(spec, "ds_type")
+    ds_type = spec.ds_type
     builder = ("json" if ds_type == "jsonl" else ds_type) or (kinds.pop() if len(kinds) == 1 else None)
     if builder is None:
         raise DatasetError(f"dataset {path}: mixed or unknown file types; set ds_type (json, parquet, csv)")
-    kwargs = {"field": _get(spec, "field")} if builder == "json" and _get(spec, "field") else {}
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
 
 
 SPLIT_NAMES = {"train", "test", "validation", "valid", "dev", "eval"}
@@ -159,13 +150,13 @@ def _files_of_split(folder: Path, files: list[Path], split_name: str) -> list[Pa
     return chosen
 
 
-def load_source(spec: Any) -> "datasets.Dataset":
+def load_source(spec: DatasetConfig) -> "datasets.Dataset":
     """The raw rows of one `datasets:` entry, split and slice applied, before any transform.
     `train[:10]+test[:5]` concatenates slices, as `datasets` does for hub ids."""
-    path = str(_get(spec, "path", ""))
+    path = spec.path
     if not path:
         raise DatasetError("a datasets entry has no `path`")
-    split = str(_get(spec, "split", "train"))
+    split = spec.split
     is_local = Path(path).expanduser().exists()
     if not (path.startswith("builtin:") or is_local):
         if path.startswith(("/", "./", "../", "~")) or Path(path).suffix in LOCAL_FORMATS:
@@ -193,10 +184,11 @@ def load_source(spec: Any) -> "datasets.Dataset":
     return datasets.concatenate_datasets(parts)
 
 
-def _load_hub(path: str, split: str, spec: Any) -> "datasets.Dataset":
+def _load_hub(path: str, split: str, spec: DatasetConfig) -> "datasets.Dataset":
     import datasets
 
-    kwargs = {k: _get(spec, k) for k in ("name", "data_files", "revision") if _get(spec, k) is not None}
+    kwargs = {k: v for k, v in (("name", spec.name), ("data_files", spec.data_files),
+                                ("revision", spec.revision)) if v is not None}
     try:
         return datasets.load_dataset(path, split=split, **kwargs)
     except Exception as error:
@@ -272,13 +264,13 @@ def apply_transform(
     return datasets.Dataset.from_dict(_columns(outputs))
 
 
-def load_dataset_rows(spec: Any, *, tokenizer: Any, cfg: Any) -> "datasets.Dataset":
+def load_dataset_rows(spec: DatasetConfig, *, tokenizer: Any, cfg: EbftConfig) -> "datasets.Dataset":
     """One `datasets:` entry: load, slice, transform."""
     from ebft_engine.transforms import TransformError, load_transform
 
     ds = load_source(spec)
-    path = str(_get(spec, "path"))
-    type_name = _get(spec, "type")
+    path = spec.path
+    type_name = spec.type
     if not type_name:  # rows already in the trainer's format (e.g. pre-tokenized)
         return ds
     try:
@@ -288,7 +280,7 @@ def load_dataset_rows(spec: Any, *, tokenizer: Any, cfg: Any) -> "datasets.Datas
     return apply_transform(ds, fn, options, tokenizer=tokenizer, path=path, type_name=str(type_name))
 
 
-def _concat(cfg: Any, entries: list, tokenizer: Any) -> "datasets.Dataset":
+def _concat(cfg: EbftConfig, entries: list[DatasetConfig], tokenizer: Any) -> "datasets.Dataset":
     import datasets
 
     parts = [load_dataset_rows(spec, tokenizer=tokenizer, cfg=cfg) for spec in entries]
@@ -297,26 +289,26 @@ def _concat(cfg: Any, entries: list, tokenizer: Any) -> "datasets.Dataset":
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError as error:
-        names = ", ".join(f"{_get(s, 'path')} {sorted(p.column_names)}" for s, p in zip(entries, parts))
+        names = ", ".join(f"{s.path} {sorted(p.column_names)}" for s, p in zip(entries, parts))
         raise DatasetError(f"the datasets cannot be combined, their columns differ: {names} ({error})") from error
 
 
-def _holdout(cfg: Any, ds: "datasets.Dataset") -> tuple["datasets.Dataset", "datasets.Dataset | None"]:
+def _holdout(cfg: EbftConfig, ds: "datasets.Dataset") -> tuple["datasets.Dataset", "datasets.Dataset | None"]:
     """`val_set_size` (a fraction < 1, or a row count) held out of the training rows, seeded."""
-    size = _get(cfg, "val_set_size", 0) or 0
-    if not size or _get(cfg, "test_datasets"):
+    size = cfg.val_set_size
+    if not size or cfg.test_datasets:
         return ds, None
     test_size = float(size) if float(size) < 1 else int(size)
     if (test_size if isinstance(test_size, int) else round(test_size * len(ds))) >= len(ds):
         raise DatasetError(f"val_set_size {size} leaves no training rows out of {len(ds)}")
-    parts = ds.train_test_split(test_size=test_size, seed=int(_get(cfg, "seed", 42)), shuffle=True)
+    parts = ds.train_test_split(test_size=test_size, seed=cfg.seed, shuffle=True)
     return parts["train"], parts["test"]
 
 
-def load_training_data(cfg: Any, tokenizer: Any, split: str = "train") -> "datasets.Dataset":
+def load_training_data(cfg: EbftConfig, tokenizer: Any, split: str = "train") -> "datasets.Dataset":
     """All `cfg.datasets`, transformed and concatenated, less the `val_set_size` hold-out.
     `split="eval"` returns that hold-out instead (see `load_eval_data`)."""
-    entries = list(_get(cfg, "datasets", []) or [])
+    entries = list(cfg.datasets)
     if not entries:
         raise DatasetError("the config has no `datasets`")
     train, held_out = _holdout(cfg, _concat(cfg, entries, tokenizer))
@@ -329,11 +321,11 @@ def load_training_data(cfg: Any, tokenizer: Any, split: str = "train") -> "datas
     raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
 
 
-def load_eval_data(cfg: Any, tokenizer: Any) -> "datasets.Dataset | None":
+def load_eval_data(cfg: EbftConfig, tokenizer: Any) -> "datasets.Dataset | None":
     """`cfg.test_datasets` when given, else the `val_set_size` hold-out, else None."""
-    entries = list(_get(cfg, "test_datasets", []) or [])
+    entries = list(cfg.test_datasets or [])
     if entries:
         return _concat(cfg, entries, tokenizer)
-    if _get(cfg, "val_set_size", 0):
+    if cfg.val_set_size:
         return load_training_data(cfg, tokenizer, split="eval")
     return None

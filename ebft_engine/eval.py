@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
+from ebft_engine.config import EbftConfig
+
 if TYPE_CHECKING:
     from ebft_engine.sandbox import Backend
 
@@ -122,7 +124,7 @@ def generate(model, tokenizer, prompt_ids: list[int], *, n: int, max_new_tokens:
 
 
 @torch.no_grad()
-def feature_matching(model, tokenizer, rows: list[EvalRow], cfg, device, *, n: int, temperature: float,
+def feature_matching(model, tokenizer, rows: list[EvalRow], cfg: EbftConfig, device, *, n: int, temperature: float,
                      max_new_tokens: int, seed: int) -> tuple[float, float]:
     """Mean CFM loss and mean alignment over held-out prompts (features from the frozen base)."""
     from ebft_engine.data import encode_text, render_prompt_ids
@@ -135,7 +137,7 @@ def feature_matching(model, tokenizer, rows: list[EvalRow], cfg, device, *, n: i
     for k, row in enumerate(rows):
         p = render_prompt_ids(tokenizer, row.prompt, chat_kwargs)
         g = encode_text(tokenizer, row.ground_truth)
-        budget = max(1, min(max_new_tokens, math.ceil(len(g) * float(cfg.ebft.gt_length_multiplier))))
+        budget = max(1, min(max_new_tokens, math.ceil(len(g) * cfg.ebft.gt_length_multiplier)))
         samples = generate(model, tokenizer, p, n=n, max_new_tokens=budget, temperature=temperature,
                            device=device, seed=seed + k)
         seqs = [p + s for s in samples] + [p + g]
@@ -163,7 +165,7 @@ def code_tasks(rows: list[EvalRow]) -> list[EvalRow]:
     return [r for r in rows if r.test and r.entry_point and r.code_prompt is not None]
 
 
-def pass_at_1(model, tokenizer, rows: list[EvalRow], cfg, device, *, max_new_tokens: int,
+def pass_at_1(model, tokenizer, rows: list[EvalRow], cfg: EbftConfig, device, *, max_new_tokens: int,
               timeout_s: float, backend: "Backend") -> tuple[float | None, list[dict]]:
     """Greedy pass@1 over the rows that carry tests, run in `backend`; None when no row has tests."""
     from ebft_engine.data import render_prompt_ids
@@ -200,17 +202,17 @@ def sandbox_fields(backend: "Backend | None") -> dict[str, Any]:
     return fields
 
 
-def _chat_kwargs(cfg) -> dict:
+def _chat_kwargs(cfg: EbftConfig) -> dict:
     from ebft_engine.data import chat_template_kwargs
 
     return chat_template_kwargs(cfg)
 
 
-def load_eval_rows(cfg, max_rows: int | None) -> list[EvalRow]:
+def load_eval_rows(cfg: EbftConfig, max_rows: int | None) -> list[EvalRow]:
     """Raw held-out rows from `test_datasets`, mapped for evaluation."""
     from ebft_engine.data import load_source
 
-    entries = list(getattr(cfg, "test_datasets", None) or [])
+    entries = list(cfg.test_datasets or [])
     if not entries:
         raise ValueError(
             "eval needs held-out data: add `test_datasets:` to the config "
@@ -220,11 +222,11 @@ def load_eval_rows(cfg, max_rows: int | None) -> list[EvalRow]:
     for spec in entries:
         ds = load_source(spec)
         for i, raw in enumerate(ds):
-            rows.append(to_eval_row(dict(raw), i, str(getattr(spec, "path", spec))))
+            rows.append(to_eval_row(dict(raw), i, spec.path))
     return rows[:max_rows] if max_rows else rows
 
 
-def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = None, n_samples: int = 4,
+def evaluate(cfg: EbftConfig, adapter: str | Path | None = None, *, max_rows: int | None = None, n_samples: int = 4,
              max_new_tokens: int = 256, timeout_s: float = 10.0, seed: int = 0,
              log_dir: str | Path | None = None, unsafe_exec: bool = False) -> dict[str, Any]:
     """Run all three measurements; append the `eval` record; return it.
@@ -241,7 +243,7 @@ def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = N
     if backend is not None and not backend.jailed:
         reasons = "".join(f"\n  - {r}" for r in detect_backend()[1])
         print(UNSAFE_NOTICE + reasons, file=sys.stderr, flush=True)
-    device = resolve_device(getattr(cfg, "device", "auto"))
+    device = resolve_device(cfg.device)
     dtype = config_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
     model = load_model(cfg.base_model, dtype=dtype, device=device)
@@ -252,7 +254,7 @@ def evaluate(cfg, adapter: str | Path | None = None, *, max_rows: int | None = N
             raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter folder)")
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
-    temperature = float(getattr(cfg.trl, "temperature", None) or 0.7) if cfg.mode == "structured" else float(cfg.ebft.temperature)
+    temperature = cfg.trl.temperature if cfg.mode == "structured" else cfg.ebft.temperature
 
     ce = validation_ce(model, tokenizer, rows, _chat_kwargs(cfg), device)
     cfm, align = feature_matching(model, tokenizer, rows, cfg, device, n=n_samples, temperature=temperature,

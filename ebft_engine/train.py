@@ -1,8 +1,17 @@
 """The training loop, top to bottom (nanoGPT's train.py is the model to read it against).
 
-    seed -> run dir, metrics.jsonl -> model, tokenizer (LoRA) -> the mode's Stepper -> data order
-    -> AdamW + schedule -> resume from the latest checkpoint -> for each step: rows -> rollouts,
-    rewards, backward (the Stepper) -> clip -> update -> log, warn -> checkpoint -> final adapter.
+`train()` at the bottom of this file runs these phases, each a function above it, in this order:
+
+    seed, run dir     prepare_run_dir   fresh start or resume? (a different config is refused)
+    set-up            set_up            model, tokenizer (LoRA), the mode's Stepper, data order,
+                                        AdamW + schedule
+    resume            resume_run        the latest checkpoint, the metrics already logged
+    each step         optimizer_step    rows -> the Stepper (rollouts, rewards, backward) -> clip
+                                        -> update -> schedule
+                      log_progress      metrics.jsonl, wandb, the console line, health warnings
+                      checkpoint_if_due every save_steps and at the end
+    the end           finish            the final adapter, or a checkpoint when a signal stopped it
+    shutdown          shut_down         the Stepper (server, threads), wandb, the log
 
 What every mode shares lives here (data order, optimizer, schedule, clipping, logging,
 checkpoints, resume); how one step's rollouts and losses are made is the Stepper's
@@ -28,6 +37,7 @@ import time
 import traceback
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +48,7 @@ import yaml
 from ebft_engine import watchdog
 from ebft_engine.checkpoint import (CHECKPOINTS, atomic_dir, capture_rng, checkpoint_config,
                                     latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint)
+from ebft_engine.config import EbftConfig
 from ebft_engine.metrics import HealthMonitor, MetricsLog, console_line, last_logged_step, read_records
 from ebft_engine.stepper import Stepper
 
@@ -52,12 +63,6 @@ class RunDirError(Exception):
     """The run dir holds something this run must not continue or overwrite (exit 2)."""
 
 
-def opt(cfg: Any, key: str, default: Any) -> Any:
-    """`cfg.key`, or `default` when the key is unset (None)."""
-    value = getattr(cfg, key, None)
-    return default if value is None else value
-
-
 # ---------------------------------------------------------------------------------------------
 # The pieces the loop composes
 
@@ -68,7 +73,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_stepper(cfg: Any, model: Any, tokenizer: Any, device: Any, dtype: Any) -> Stepper:
+def build_stepper(cfg: EbftConfig, model: Any, tokenizer: Any, device: Any, dtype: Any) -> Stepper:
     if cfg.mode == "strided":
         from ebft_engine.strided.step import StridedStepper
 
@@ -80,13 +85,13 @@ def build_stepper(cfg: Any, model: Any, tokenizer: Any, device: Any, dtype: Any)
     raise ValueError(f"ebft.mode {cfg.mode!r}: use strided or structured")
 
 
-def build_model(cfg: Any):
+def build_model(cfg: EbftConfig):
     from ebft_engine.modeling import build_model_and_tokenizer
 
     return build_model_and_tokenizer(cfg)
 
 
-def load_data(cfg: Any, tokenizer: Any):
+def load_data(cfg: EbftConfig, tokenizer: Any):
     from ebft_engine.data import load_training_data
 
     return load_training_data(cfg, tokenizer, split="train")
@@ -139,29 +144,34 @@ class DataOrder:
         self._perm = self._permutation(self.epoch)
 
 
-def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: EbftConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW (or plain SGD with `optimizer: sgd`) over the trainable parameters; matrices decay,
     vectors (norms, biases) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    weight_decay = float(opt(cfg, "weight_decay", 0.0))
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    betas = (float(opt(cfg, "adam_beta1", 0.9)), float(opt(cfg, "adam_beta2", 0.999)))
-    if opt(cfg, "optimizer", "adamw_torch") == "sgd":
-        return torch.optim.SGD(groups, lr=float(cfg.learning_rate))
-    fused = "fused" in str(opt(cfg, "optimizer", "")) and params[0].is_cuda
-    return torch.optim.AdamW(groups, lr=float(cfg.learning_rate), betas=betas,
-                             eps=float(opt(cfg, "adam_epsilon", 1e-8)), **({"fused": True} if fused else {}))
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate)
+    fused = "fused" in cfg.optimizer and params[0].is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, **({"fused": True} if fused else {}))
 
 
-def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, max_steps: int):
+def warmup_steps(cfg: EbftConfig, max_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of max_steps (both unset: no warmup)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return math.ceil((cfg.warmup_ratio or 0.0) * max_steps)
+
+
+def build_scheduler(cfg: EbftConfig, optimizer: torch.optim.Optimizer, max_steps: int):
     """Linear warmup (`warmup_steps`, else `warmup_ratio` of max_steps), then `lr_scheduler`:
     cosine or linear decay to 0, or constant."""
-    warmup = int(opt(cfg, "warmup_steps", 0)) or math.ceil(float(opt(cfg, "warmup_ratio", 0.0)) * max_steps)
-    kind = str(opt(cfg, "lr_scheduler", "cosine"))
+    warmup = warmup_steps(cfg, max_steps)
+    kind = cfg.lr_scheduler
 
     def factor(done: int) -> float:  # done = optimizer steps already taken
         if done < warmup:
@@ -238,10 +248,10 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
     return atomic_dir(run_dir / name, fill)
 
 
-def start_wandb(cfg: Any, run_dir: Path, cfg_yaml: str) -> Any:
+def start_wandb(cfg: EbftConfig, run_dir: Path, cfg_yaml: str) -> Any:
     """A wandb run when `wandb_project` is set and wandb is installed (decisions.md §2), else None.
     metrics.jsonl stays the record the TUI reads; wandb gets the same metrics records."""
-    project, mode = opt(cfg, "wandb_project", None), opt(cfg, "wandb_mode", None)
+    project, mode = cfg.wandb_project, cfg.wandb_mode
     if not project or mode == "disabled":
         return None
     try:
@@ -250,8 +260,8 @@ def start_wandb(cfg: Any, run_dir: Path, cfg_yaml: str) -> Any:
         print("wandb_project is set but wandb is not installed (pip install wandb): metrics go to "
               "metrics.jsonl only", file=sys.stderr, flush=True)
         return None
-    return wandb.init(project=project, entity=opt(cfg, "wandb_entity", None), name=opt(cfg, "wandb_name", None),
-                      id=opt(cfg, "wandb_run_id", None), resume="allow", mode=mode, dir=str(run_dir),
+    return wandb.init(project=project, entity=cfg.wandb_entity, name=cfg.wandb_name,
+                      id=cfg.wandb_run_id, resume="allow", mode=mode, dir=str(run_dir),
                       config=yaml.safe_load(cfg_yaml))
 
 
@@ -268,164 +278,259 @@ def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The loop, phase by phase in the order they run: set-up, resume, the step, logging, checkpoint,
+# the end, shutdown. `train()` at the bottom reads them top to bottom.
 
 
-def train(cfg: Any, *, resume: bool = True, overwrite: bool = False,
+@dataclass
+class Run:
+    """What one training run holds: built by `set_up`, advanced by the phases below."""
+
+    cfg: EbftConfig
+    run_dir: Path
+    cfg_yaml: str
+    log: MetricsLog
+    model: Any
+    tokenizer: Any
+    device: Any
+    dtype: Any
+    stepper: Stepper
+    data: Any
+    order: DataOrder
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    max_steps: int
+    save_steps: int
+    params: list[torch.Tensor]
+    monitor: HealthMonitor
+    step: int = 0
+    """Optimizer steps done."""
+    saved_step: int = 0
+    """The step of the last checkpoint (or of the start)."""
+    history: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    """Logged values, for the console's arrows."""
+    window: list[dict[str, float]] = field(default_factory=list)
+    """The metrics of each step since the last log line."""
+    wandb_run: Any = None
+
+
+def set_up(cfg: EbftConfig, run_dir: Path, cfg_yaml: str, log: MetricsLog, build_model: Callable,
+           build_stepper: Callable, load_data: Callable) -> Run:
+    """Model and tokenizer, the mode's Stepper, the data order, optimizer and schedule."""
+    log.status("loading", 0, f"loading {cfg.base_model}")
+    model, tokenizer, device, dtype = build_model(cfg)
+    model.train()
+    stepper = build_stepper(cfg, model, tokenizer, device, dtype)
+    try:
+        data = load_data(cfg, tokenizer)
+        order = DataOrder(len(data), cfg.seed)
+        max_steps = int(cfg.max_steps or math.ceil(cfg.num_epochs * len(data) / stepper.rows_per_step))
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer, max_steps)
+    except BaseException:
+        stepper.close()  # a structured stepper holds a server connection and maybe a thread
+        raise
+    return Run(cfg=cfg, run_dir=run_dir, cfg_yaml=cfg_yaml, log=log, model=model, tokenizer=tokenizer,
+               device=device, dtype=dtype, stepper=stepper, data=data, order=order, optimizer=optimizer,
+               scheduler=scheduler, max_steps=max_steps, save_steps=cfg.save_steps or max_steps,
+               params=[p for group in optimizer.param_groups for p in group["params"]],
+               monitor=HealthMonitor(use_whitening=cfg.ebft.use_whitening))
+
+
+def resume_run(run: Run, ckpt: Path | None) -> None:
+    """Continue what this run dir already did: its logged metrics (console arrows, health
+    episodes) and, from its latest checkpoint, weights, optimizer, schedule, data position, RNG."""
+    records = read_records(run.log.path)
+    for record in records:
+        if record.get("event") == "metrics":
+            run.monitor.update(record["step"], record)
+            for key, value in record.items():
+                if key not in ("v", "ts", "step", "max_steps") and isinstance(value, (int, float)):
+                    run.history[key].append(value)
+    run.log.already_logged_through = last_logged_step(records)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, run.model, run.optimizer, run.scheduler)
+        run.order.load_state_dict(state["data"])
+        run.step = run.saved_step = int(state["step"])
+        restore_rng(state["rng"])  # last: nothing after this may draw from the RNG
+    resumed_from = str(ckpt.relative_to(run.run_dir)) if ckpt else None
+    run.log.run(mode=run.cfg.mode, max_steps=run.max_steps, base_model=str(run.cfg.base_model),
+                output_dir=str(run.run_dir), resumed_from=resumed_from)
+    if ckpt is not None or run.log.already_logged_through:
+        rerun = (f"; steps {run.step + 1}-{run.log.already_logged_through} are re-run and were already "
+                 f"logged" if run.log.already_logged_through > run.step else "")
+        message = f"resumed from {resumed_from or 'the start'} at step {run.step}{rerun}"
+        run.log.status("resumed", run.step, message)
+        print(message, flush=True)
+
+
+def announce(run: Run) -> None:
+    note = ("; use_whitening: diversity is ~0 by construction, its healthy range does not apply"
+            if run.monitor.use_whitening else "")
+    run.log.status("training", run.step,
+                   f"training {run.cfg.mode} on {run.device} ({str(run.dtype).removeprefix('torch.')}), "
+                   f"{len(run.data)} rows, {run.stepper.rows_per_step} per step{note}")
+
+
+def optimizer_step(run: Run) -> bool:
+    """One optimizer step: the Stepper's rollouts, rewards and backward, then clip, update and
+    schedule. False, after an error record, when the loss or the gradient is not finite: the
+    weights are then left as they were."""
+    t0 = time.perf_counter()
+    rows = [run.data[i] for i in run.order.take(run.stepper.rows_per_step)]
+    lr = run.scheduler.get_last_lr()[0]
+    result = run.stepper.run_step(rows, run.step + 1)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm or float("inf")))
+    loss = result.metrics.get("loss", 0.0)
+    if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
+        report_nonfinite(run, loss, grad_norm)
+        return False
+    if not result.skipped:
+        run.optimizer.step()
+    with warnings.catch_warnings():  # the schedule follows the step count, skipped or not
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.stepper.after_optimizer_step(run.step + 1)
+    run.step += 1
+    step_time = time.perf_counter() - t0
+    run.window.append({**result.metrics, "grad_norm": grad_norm, "lr": lr, "step_time_s": step_time,
+                       "tokens_per_s": result.n_tokens / step_time if step_time > 0 else 0.0})
+    return True
+
+
+def report_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
+    step = run.step + 1
+    what = f"loss {loss}" if not math.isfinite(float(loss)) else f"grad_norm {grad_norm}"
+    last = latest_checkpoint(run.run_dir)
+    run.log.error(step, f"non-finite {what} at step {step}: the run stopped before updating the weights",
+                  "Try a lower learning_rate or max_grad_norm, or fp32 (bf16: false); "
+                  + (f"the last good checkpoint is {last.relative_to(run.run_dir)}" if last
+                     else "no checkpoint was saved yet"))
+    print(f"error: non-finite {what} at step {step}", file=sys.stderr, flush=True)
+
+
+def log_progress(run: Run) -> None:
+    """Every `logging_steps` and at the last step: the interval's mean metrics to metrics.jsonl,
+    wandb and the console, then health warnings. Steps a killed run already logged are re-run
+    silently."""
+    step, log = run.step, run.log
+    if not (step % run.cfg.logging_steps == 0 or step == run.max_steps):
+        return
+    if step > log.already_logged_through:
+        metrics = {"max_steps": run.max_steps, "epoch": round(run.order.epoch_float, 4),
+                   **_mean_metrics(run.window)}
+        log.metrics(step, metrics)
+        if run.wandb_run is not None:
+            run.wandb_run.log(metrics, step=step)
+        print(console_line(step, run.max_steps, metrics, run.history), flush=True)
+        for key, value in metrics.items():
+            run.history[key].append(value)
+        for w in run.monitor.update(step, metrics):
+            log.warning(w.step, w.metric, w.message, w.hint)
+            print(f"warning: {w.message}. {w.hint}", flush=True)
+    run.window = []
+
+
+def checkpoint_if_due(run: Run) -> None:
+    """Every `save_steps` and at the last step."""
+    if run.step % run.save_steps == 0 or run.step == run.max_steps:
+        save_progress(run)
+        if run.step < run.max_steps:
+            run.log.status("training", run.step, "")
+
+
+def save_progress(run: Run) -> None:
+    """A checkpoint of this step; the data order is rewound by the rows the Stepper took for
+    later steps (async prefetch), so a resumed run takes them again."""
+    run.log.status("checkpoint", run.step, f"saving checkpoint at step {run.step}")
+    path = save_checkpoint(run.run_dir, run.step, model=run.model, optimizer=run.optimizer,
+                           scheduler=run.scheduler, rng_state=capture_rng(),
+                           data_state=run.order.state_dict(rewind=getattr(run.stepper, "rows_in_flight", 0)),
+                           config_yaml=run.cfg_yaml, save_total_limit=run.cfg.save_total_limit)
+    run.log.checkpoint(run.step, str(path.relative_to(run.run_dir)))
+    run.saved_step = run.step
+
+
+def finish(run: Run) -> int:
+    """Done: the final adapter (or model). Stopped by a signal: keep the progress, exit 128+signal."""
+    if run.step < run.max_steps:
+        if run.step > run.saved_step:
+            save_progress(run)
+        run.log.status("stopped", run.step, f"stopped by {_signal_name()} at step {run.step}; re-run to resume")
+        print(f"stopped at step {run.step}; re-run the same command to resume", flush=True)
+        return watchdog.STOP.exit_code()
+    final = save_final(run.run_dir, run.model, run.tokenizer)
+    run.log.status("done", run.step, f"done: {run.step} steps; {final.name} in {final}")
+    print(f"done: {run.step} steps; {final.name} saved in {final}", flush=True)
+    return EXIT_OK
+
+
+def report_failure(log: MetricsLog, step: int, error: Exception) -> int:
+    """Any failure ends as an error record and exit 1; the user's own mistakes without a traceback."""
+    message, hint, expected = describe_failure(error)
+    log.error(step, message, hint)
+    print(f"error: {message}" + (f"\n  {hint}" if hint else ""), file=sys.stderr, flush=True)
+    if not expected:
+        traceback.print_exc()
+    return EXIT_FAILED
+
+
+def refuse_run_dir(run_dir: Path, error: RunDirError) -> int:
+    with MetricsLog(run_dir / "metrics.jsonl") as log:
+        log.error(0, str(error))
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def shut_down(run: Run | None, log: MetricsLog) -> None:
+    """Whatever happened: signals back to immediate exit, the server and threads released, wandb
+    finished, the log closed."""
+    watchdog.STOP.graceful = False
+    if run is not None:
+        run.stepper.close()
+        if run.wandb_run is not None:
+            run.wandb_run.finish()
+    log.close()
+
+
+def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
           build_model: Callable = build_model, build_stepper: Callable = build_stepper,
           load_data: Callable = load_data) -> int:
     """Run training for `cfg`; returns the exit code. The three builders are the real ones unless a
     test passes its own (a tiny model, a small Stepper)."""
-    seed = int(opt(cfg, "seed", 42))
-    logging_steps = max(1, int(opt(cfg, "logging_steps", 1)))
-    max_grad_norm = float(opt(cfg, "max_grad_norm", 1.0)) or float("inf")
-    seed_everything(seed)
-
+    seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_yaml = cfg.to_yaml()
     try:
         ckpt = prepare_run_dir(run_dir, cfg_yaml, resume=resume, overwrite=overwrite)
     except RunDirError as error:
-        with MetricsLog(run_dir / "metrics.jsonl") as log:
-            log.error(0, str(error))
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return refuse_run_dir(run_dir, error)
     log = MetricsLog(run_dir / "metrics.jsonl")
-    step = 0
-    stepper = wandb_run = None
+    run: Run | None = None
     watchdog.STOP.reset()
     try:
-        # ---- model, mode, data, optimizer
-        log.status("loading", 0, f"loading {cfg.base_model}")
-        model, tokenizer, device, dtype = build_model(cfg)
-        model.train()
-        stepper = build_stepper(cfg, model, tokenizer, device, dtype)
-        data = load_data(cfg, tokenizer)
-        order = DataOrder(len(data), seed)
-        max_steps = int(cfg.max_steps or math.ceil(float(opt(cfg, "num_epochs", 1.0)) * len(data)
-                                                   / stepper.rows_per_step))
-        save_steps = int(opt(cfg, "save_steps", 0)) or max_steps
-        optimizer = build_optimizer(cfg, model)
-        scheduler = build_scheduler(cfg, optimizer, max_steps)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-
-        # ---- resume
-        records = read_records(log.path)
-        history: dict[str, list[float]] = defaultdict(list)  # logged values, for the console arrows
-        monitor = HealthMonitor(use_whitening=bool(getattr(getattr(cfg, "ebft", None), "use_whitening", False)))
-        for record in records:  # what this run dir already logged: arrows and episodes continue
-            if record.get("event") == "metrics":
-                monitor.update(record["step"], record)
-                for key, value in record.items():
-                    if key not in ("v", "ts", "step", "max_steps") and isinstance(value, (int, float)):
-                        history[key].append(value)
-        log.already_logged_through = last_logged_step(records)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler)
-            order.load_state_dict(state["data"])
-            step = int(state["step"])
-            restore_rng(state["rng"])  # last: nothing after this may draw from the RNG
-        resumed_from = str(ckpt.relative_to(run_dir)) if ckpt else None
-        log.run(mode=cfg.mode, max_steps=max_steps, base_model=str(cfg.base_model),
-                output_dir=str(run_dir), resumed_from=resumed_from)
-        if ckpt is not None or log.already_logged_through:
-            rerun = (f"; steps {step + 1}-{log.already_logged_through} are re-run and were already logged"
-                     if log.already_logged_through > step else "")
-            log.status("resumed", step, f"resumed from {resumed_from or 'the start'} at step {step}{rerun}")
-            print(f"resumed from {resumed_from or 'the start'} at step {step}{rerun}", flush=True)
-        note = ("; use_whitening: diversity is ~0 by construction, its healthy range does not apply"
-                if monitor.use_whitening else "")
-        log.status("training", step, f"training {cfg.mode} on {device} ({str(dtype).removeprefix('torch.')}), "
-                                     f"{len(data)} rows, {stepper.rows_per_step} per step{note}")
-
-        wandb_run = start_wandb(cfg, run_dir, cfg_yaml)
-
-        # ---- the loop
+        # ---- set-up: model, mode, data, optimizer
+        run = set_up(cfg, run_dir, cfg_yaml, log, build_model, build_stepper, load_data)
+        # ---- resume: this run dir's checkpoint and logged metrics
+        resume_run(run, ckpt)
+        announce(run)
+        run.wandb_run = start_wandb(cfg, run_dir, cfg_yaml)
+        # ---- the loop: step, log, checkpoint; a signal stops it between steps
         watchdog.STOP.graceful = True
-        stepper.on_phase = lambda phase: log.phase(step + 1, phase)  # `step`: the loop's, read at call time
-        window: list[dict[str, float]] = []
-        saved_step = step
-        while step < max_steps:
-            if watchdog.stop_requested():
-                break
-            t0 = time.perf_counter()
-            rows = [data[i] for i in order.take(stepper.rows_per_step)]
-            lr = scheduler.get_last_lr()[0]
-            result = stepper.run_step(rows, step + 1)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-            loss = result.metrics.get("loss", 0.0)
-            if not (math.isfinite(float(loss)) and math.isfinite(grad_norm)):
-                what = f"loss {loss}" if not math.isfinite(float(loss)) else f"grad_norm {grad_norm}"
-                last = latest_checkpoint(run_dir)
-                log.error(step + 1, f"non-finite {what} at step {step + 1}: the run stopped before "
-                                    f"updating the weights",
-                          "Try a lower learning_rate or max_grad_norm, or fp32 (bf16: false); "
-                          + (f"the last good checkpoint is {last.relative_to(run_dir)}" if last
-                             else "no checkpoint was saved yet"))
-                print(f"error: non-finite {what} at step {step + 1}", file=sys.stderr, flush=True)
+        run.stepper.on_phase = lambda phase: log.phase(run.step + 1, phase)  # the step in progress
+        while run.step < run.max_steps and not watchdog.stop_requested():
+            if not optimizer_step(run):
                 return EXIT_NONFINITE
-            if not result.skipped:
-                optimizer.step()
-            with warnings.catch_warnings():  # the schedule follows the step count, skipped or not
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            stepper.after_optimizer_step(step + 1)
-            step += 1
-            step_time = time.perf_counter() - t0
-            window.append({**result.metrics, "grad_norm": grad_norm, "lr": lr, "step_time_s": step_time,
-                           "tokens_per_s": result.n_tokens / step_time if step_time > 0 else 0.0})
-
-            # ---- log (steps a killed run already logged are re-run silently)
-            if (step % logging_steps == 0 or step == max_steps) and step > log.already_logged_through:
-                metrics = {"max_steps": max_steps, "epoch": round(order.epoch_float, 4), **_mean_metrics(window)}
-                log.metrics(step, metrics)
-                if wandb_run is not None:
-                    wandb_run.log(metrics, step=step)
-                print(console_line(step, max_steps, metrics, history), flush=True)
-                for key, value in metrics.items():
-                    history[key].append(value)
-                for w in monitor.update(step, metrics):
-                    log.warning(w.step, w.metric, w.message, w.hint)
-                    print(f"warning: {w.message}. {w.hint}", flush=True)
-            if step % logging_steps == 0 or step == max_steps:
-                window = []
-
-            # ---- checkpoint
-            if step % save_steps == 0 or step == max_steps:
-                _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml,
-                            getattr(stepper, "rows_in_flight", 0))
-                saved_step = step
-                if step < max_steps:
-                    log.status("training", step, "")
-
-        if step < max_steps:  # stopped by a signal: keep the progress, then exit 128+signal
-            if step > saved_step:
-                _checkpoint(run_dir, step, log, cfg, model, optimizer, scheduler, order, cfg_yaml,
-                            getattr(stepper, "rows_in_flight", 0))
-            log.status("stopped", step, f"stopped by {_signal_name()} at step {step}; re-run to resume")
-            print(f"stopped at step {step}; re-run the same command to resume", flush=True)
-            return watchdog.STOP.exit_code()
-
-        final = save_final(run_dir, model, tokenizer)
-        log.status("done", step, f"done: {step} steps; {final.name} in {final}")
-        print(f"done: {step} steps; {final.name} saved in {final}", flush=True)
-        return EXIT_OK
+            log_progress(run)
+            checkpoint_if_due(run)
+        # ---- the end: done, or stopped by a signal
+        return finish(run)
     except Exception as error:  # noqa: BLE001 - every failure ends as an error record and exit 1
-        message, hint, expected = describe_failure(error)
-        log.error(step, message, hint)
-        print(f"error: {message}" + (f"\n  {hint}" if hint else ""), file=sys.stderr, flush=True)
-        if not expected:
-            traceback.print_exc()
-        return EXIT_FAILED
+        return report_failure(log, run.step if run is not None else 0, error)
     finally:
-        watchdog.STOP.graceful = False
-        if stepper is not None:
-            stepper.close()
-        if wandb_run is not None:
-            wandb_run.finish()
-        log.close()
+        shut_down(run, log)
 
 
 USER_ERRORS = ("ModelLoadError", "DatasetError", "ConfigError", "TransformError", "RunDirError",
@@ -452,13 +557,3 @@ def _signal_name() -> str:
     import signal
 
     return signal.Signals(watchdog.STOP.signum or signal.SIGTERM).name
-
-
-def _checkpoint(run_dir: Path, step: int, log: MetricsLog, cfg: Any, model: Any, optimizer: Any,
-                scheduler: Any, order: DataOrder, cfg_yaml: str, rows_in_flight: int = 0) -> None:
-    log.status("checkpoint", step, f"saving checkpoint at step {step}")
-    path = save_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                           rng_state=capture_rng(), data_state=order.state_dict(rewind=rows_in_flight),
-                           config_yaml=cfg_yaml,
-                           save_total_limit=opt(cfg, "save_total_limit", None))
-    log.checkpoint(step, str(path.relative_to(run_dir)))

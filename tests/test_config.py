@@ -452,6 +452,21 @@ def test_schema_command_covers_every_key():
     assert schema() == json.loads(proc.stdout)
 
 
+def test_keys_the_engine_reads_are_schema_fields():
+    """The optimizer's betas/epsilon and `chat_template_jinja` were read by the engine without being
+    keys of the schema (issue 17): now they are, with a default, a description and bounds."""
+    by_key = {f["key"]: f for f in schema()["fields"]}
+    for key, default in (("adam_beta1", 0.9), ("adam_beta2", 0.999), ("adam_epsilon", 1e-8),
+                         ("chat_template_jinja", None)):
+        assert by_key[key]["default"] == default and by_key[key]["description"], key
+    assert by_key["adam_beta1"]["section"] == "training" and by_key["adam_beta1"]["max_exclusive"]
+    cfg = load_config(QUICKSTART, ["adam_beta2=0.95", "adam_epsilon=1e-6"])
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon) == (0.9, 0.95, 1e-6)
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, ["adam_beta1=1.0", "adam_epsilon=0"])
+    assert [p.key for p in info.value.problems] == ["adam_beta1", "adam_epsilon"]
+
+
 def test_every_schema_key_is_accepted_as_an_override():
     """What the TUI's form hands back (key=default) validates."""
     items = []

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import textwrap
-from types import SimpleNamespace
-
 import pytest
 
 from ebft_engine.builtin_data import humaneval_rows
+from ebft_engine.config import ConfigError, DatasetConfig, EbftConfig, load_config
 from ebft_engine.data import (
     DatasetError,
     chat_template_kwargs,
@@ -39,8 +38,16 @@ def write_jsonl(path, rows):
     return path
 
 
-def cfg(**kw):
-    return SimpleNamespace(**{"sequence_len": 256, "trl": None, "seed": 7, **kw})
+def cfg(**kw) -> EbftConfig:
+    """A real config (the engine reads typed attributes only); `kw` are top-level keys."""
+    return load_config({"base_model": "builtin:smollm2-135m-instruct", "rl": "ebft",
+                        "ebft": {"mode": "strided"}, "datasets": [{"path": "unused.jsonl"}],
+                        "sequence_len": 256, "seed": 7, **kw})
+
+
+def entry(**kw) -> DatasetConfig:
+    """One `datasets:` entry, typed as the config holds it."""
+    return DatasetConfig(**kw)
 
 
 def ids(ds):
@@ -67,7 +74,7 @@ def test_parse_split():
 )
 def test_local_jsonl_with_slices(tmp_path, split, expected):
     path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    assert ids(load_source({"path": str(path), "split": split})) == expected
+    assert ids(load_source(entry(path=str(path), split=split))) == expected
 
 
 def test_local_json_and_parquet(tmp_path):
@@ -76,44 +83,44 @@ def test_local_json_and_parquet(tmp_path):
 
     (tmp_path / "pairs.json").write_text(json.dumps(PAIRS))
     pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "pairs.parquet")
-    assert ids(load_source({"path": str(tmp_path / "pairs.json"), "split": "train[:2]"})) == [0, 1]
-    assert ids(load_source({"path": str(tmp_path / "pairs.parquet"), "split": "train[:50%]"})) == [0, 1, 2, 3, 4]
+    assert ids(load_source(entry(path=str(tmp_path / "pairs.json"), split="train[:2]"))) == [0, 1]
+    assert ids(load_source(entry(path=str(tmp_path / "pairs.parquet"), split="train[:50%]"))) == [0, 1, 2, 3, 4]
 
 
 def test_local_folder_of_parts_is_one_split(tmp_path):
     write_jsonl(tmp_path / "part-a.jsonl", PAIRS[:4])
     write_jsonl(tmp_path / "part-b.jsonl", PAIRS[4:])
-    assert sorted(ids(load_source({"path": str(tmp_path)}))) == list(range(10))
-    assert len(load_source({"path": str(tmp_path), "split": "train[:50%]"})) == 5
+    assert sorted(ids(load_source(entry(path=str(tmp_path))))) == list(range(10))
+    assert len(load_source(entry(path=str(tmp_path), split="train[:50%]"))) == 5
 
 
 def test_local_folder_with_split_files(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", PAIRS[:8])
     write_jsonl(tmp_path / "test.jsonl", PAIRS[8:])
-    assert ids(load_source({"path": str(tmp_path), "split": "train[:2]"})) == [0, 1]
-    assert ids(load_source({"path": str(tmp_path), "split": "test"})) == [8, 9]
-    assert ids(load_source({"path": str(tmp_path), "data_files": ["test.jsonl"], "split": "train[:1]"})) == [8]
+    assert ids(load_source(entry(path=str(tmp_path), split="train[:2]"))) == [0, 1]
+    assert ids(load_source(entry(path=str(tmp_path), split="test"))) == [8, 9]
+    assert ids(load_source(entry(path=str(tmp_path), data_files=["test.jsonl"], split="train[:1]"))) == [8]
     with pytest.raises(DatasetError, match=r"no split 'validation' \(its files hold test, train\)"):
-        load_source({"path": str(tmp_path), "split": "validation"})
+        load_source(entry(path=str(tmp_path), split="validation"))
 
 
 def test_saved_dataset_folder(tmp_path):
     import datasets
 
     datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "saved"))
-    assert ids(load_source({"path": str(tmp_path / "saved"), "split": "train[-1:]"})) == [9]
+    assert ids(load_source(entry(path=str(tmp_path / "saved"), split="train[-1:]"))) == [9]
 
 
 def test_missing_sources_name_the_path(tmp_path):
     with pytest.raises(DatasetError, match="no such file or folder"):
-        load_source({"path": str(tmp_path / "nope.jsonl")})
+        load_source(entry(path=str(tmp_path / "nope.jsonl")))
     with pytest.raises(DatasetError, match="holds no"):
-        load_source({"path": str(tmp_path)})
+        load_source(entry(path=str(tmp_path)))
 
 
 def test_hub_dataset_offline_names_it():
     with pytest.raises(DatasetError, match=r"dataset 'nobody-xyz/no-such-dataset' \(split 'train\[:5\]'\).*local"):
-        load_source({"path": "nobody-xyz/no-such-dataset", "split": "train[:5]"})
+        load_source(entry(path="nobody-xyz/no-such-dataset", split="train[:5]"))
 
 
 # --- transforms over datasets ----------------------------------------------------------------------
@@ -121,7 +128,7 @@ def test_hub_dataset_offline_names_it():
 
 def test_transform_removes_all_original_columns(tmp_path, tok):
     path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    ds = load_dataset_rows({"path": str(path), "split": "train[:3]", "type": "ebft_opencode.transform"},
+    ds = load_dataset_rows(entry(path=str(path), split="train[:3]", type="ebft_opencode.transform"),
                            tokenizer=tok, cfg=cfg())
     assert ds.column_names == ["prompt", "ground_truth"]
     assert ds[2] == {"prompt": [{"role": "user", "content": "question 2"}], "ground_truth": "answer 2"}
@@ -142,9 +149,9 @@ def test_custom_transform_module_and_kept_columns(tmp_path, monkeypatch, tok):
     write_jsonl(tmp_path / "qa.jsonl", [{"q": "what?", "a": "that", "src": "x"}, {"q": "why?", "a": "so", "src": "y"}])
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    ds = load_dataset_rows({"path": "qa.jsonl", "type": "qa_custom.transform"}, tokenizer=tok, cfg=cfg())
+    ds = load_dataset_rows(entry(path="qa.jsonl", type="qa_custom.transform"), tokenizer=tok, cfg=cfg())
     assert ds.column_names == ["prompt", "ground_truth"] and ds[1]["ground_truth"] == "so"
-    ds = load_dataset_rows({"path": "qa.jsonl", "type": "qa_custom.keep"}, tokenizer=tok, cfg=cfg())
+    ds = load_dataset_rows(entry(path="qa.jsonl", type="qa_custom.keep"), tokenizer=tok, cfg=cfg())
     assert sorted(ds.column_names) == ["n_tokens", "q", "src"] and ds[0]["n_tokens"] > 0
 
 
@@ -163,7 +170,7 @@ def test_axolotl_style_batched_transform(tmp_path, monkeypatch, tok):
     write_jsonl(tmp_path / "qa.jsonl", [{"q": "one", "a": "x"}, {"q": "two", "a": "y|z"}])
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    ds = load_dataset_rows({"path": "qa.jsonl", "type": "qa_batched.transform"}, tokenizer=tok, cfg=cfg())
+    ds = load_dataset_rows(entry(path="qa.jsonl", type="qa_batched.transform"), tokenizer=tok, cfg=cfg())
     assert ds["ground_truth"] == ["x", "y", "z"] and ds.column_names == ["prompt", "ground_truth"]
 
 
@@ -171,7 +178,7 @@ def test_a_bad_row_names_dataset_row_and_field(tmp_path, tok):
     rows = PAIRS[:3] + [{"input": "no output here", "id": 3}] + PAIRS[4:6]
     path = write_jsonl(tmp_path / "bad.jsonl", [{**r, "output": r.get("output")} for r in rows])
     with pytest.raises(DatasetError) as info:
-        load_dataset_rows({"path": str(path), "type": "ebft_opencode.transform"}, tokenizer=tok, cfg=cfg())
+        load_dataset_rows(entry(path=str(path), type="ebft_opencode.transform"), tokenizer=tok, cfg=cfg())
     message = str(info.value)
     assert str(path) in message and "row 3" in message and "missing field 'output'" in message
 
@@ -179,7 +186,7 @@ def test_a_bad_row_names_dataset_row_and_field(tmp_path, tok):
 def test_an_unknown_transform_names_the_dataset(tmp_path, tok):
     path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     with pytest.raises(DatasetError, match=rf"dataset {path}: dataset type 'nope_xyz.transform': no module"):
-        load_dataset_rows({"path": str(path), "type": "nope_xyz.transform"}, tokenizer=tok, cfg=cfg())
+        load_dataset_rows(entry(path=str(path), type="nope_xyz.transform"), tokenizer=tok, cfg=cfg())
 
 
 def test_all_turns_explodes_into_one_row_per_turn_and_mixed_remaining_turns_load(tmp_path, tok):
@@ -189,18 +196,18 @@ def test_all_turns_explodes_into_one_row_per_turn_and_mixed_remaining_turns_load
                       {"role": "user", "content": "c"}, {"role": "assistant", "content": "C"}]},
     ]
     path = write_jsonl(tmp_path / "chat.jsonl", convs)
-    ds = load_dataset_rows({"path": str(path), "type": "ebft_chat_multiturn.transform_all_turns"},
+    ds = load_dataset_rows(entry(path=str(path), type="ebft_chat_multiturn.transform_all_turns"),
                            tokenizer=tok, cfg=cfg())
     assert ds["ground_truth"] == ["A", "B", "C"]
     assert [len(p) for p in ds["prompt"]] == [1, 1, 3]
     # the first row's remaining_turns is [] and the second's holds messages: one column type
-    ds = load_dataset_rows({"path": str(path), "type": "ebft_chat_multiturn.transform"}, tokenizer=tok, cfg=cfg())
+    ds = load_dataset_rows(entry(path=str(path), type="ebft_chat_multiturn.transform"), tokenizer=tok, cfg=cfg())
     assert ds["remaining_turns"] == [[], convs[1]["messages"][2:]]
 
 
 def test_strided_transform_over_humaneval(tok):
-    ds = load_dataset_rows({"path": "builtin:humaneval", "split": "train[:4]",
-                            "type": "ebft_strided_structured.transform"}, tokenizer=tok, cfg=cfg(sequence_len=384))
+    ds = load_dataset_rows(entry(path="builtin:humaneval", split="train[:4]",
+                                 type="ebft_strided_structured.transform"), tokenizer=tok, cfg=cfg(sequence_len=384))
     assert len(ds) == 4 and ds.column_names == ["input_ids", "labels", "prompt_length"]
     for row in ds:
         p = row["prompt_length"]
@@ -224,13 +231,13 @@ def test_humaneval_splits_are_fixed_and_disjoint():
 
 
 def test_humaneval_through_load_source_with_slicing():
-    assert len(load_source({"path": "builtin:humaneval"})) == 144
-    ds = load_source({"path": "builtin:humaneval", "split": "test[:5]"})
+    assert len(load_source(entry(path="builtin:humaneval"))) == 144
+    ds = load_source(entry(path="builtin:humaneval", split="test[:5]"))
     assert ds["task_id"] == [f"HumanEval/{i}" for i in range(144, 149)]
     with pytest.raises(DatasetError, match="splits train"):
-        load_source({"path": "builtin:humaneval", "split": "validation"})
+        load_source(entry(path="builtin:humaneval", split="validation"))
     with pytest.raises(DatasetError, match="unknown built-in dataset"):
-        load_source({"path": "builtin:mbpp"})
+        load_source(entry(path="builtin:mbpp"))
 
 
 # --- training and eval data ------------------------------------------------------------------------
@@ -263,15 +270,15 @@ def test_val_set_size_holds_out_rows_deterministically(tmp_path, tok):
 
 def test_test_datasets_are_the_eval_data(tok):
     c = cfg(datasets=[{"path": "builtin:humaneval", "type": "ebft_opencode.transform"}],
-            test_datasets=[{"path": "builtin:humaneval", "split": "test", "type": "ebft_opencode.transform"}],
-            val_set_size=0.1)
+            test_datasets=[{"path": "builtin:humaneval", "split": "test", "type": "ebft_opencode.transform"}])
+    c.val_set_size = 0.1  # load_config refuses both; the loaders still prefer test_datasets
     assert len(load_training_data(c, tok)) == 144  # test_datasets win over val_set_size
     assert len(load_eval_data(c, tok)) == 20
 
 
 def test_no_datasets_is_an_error(tok):
     with pytest.raises(DatasetError, match="no `datasets`"):
-        load_training_data(cfg(datasets=[]), tok)
+        load_training_data(EbftConfig(datasets=[]), tok)  # load_config refuses it earlier
 
 
 # --- prompts ---------------------------------------------------------------------------------------
@@ -296,10 +303,11 @@ def test_render_prompt_ids_passes_chat_template_kwargs(tok):
 
 
 def test_chat_template_kwargs_come_from_trl():
-    assert chat_template_kwargs(cfg(trl=SimpleNamespace(chat_template_kwargs={"enable_thinking": False}))) == {
+    assert chat_template_kwargs(cfg(trl={"chat_template_kwargs": {"enable_thinking": False}})) == {
         "enable_thinking": False}
-    assert chat_template_kwargs(cfg(trl=SimpleNamespace(chat_template_kwargs=None))) == {}
-    assert chat_template_kwargs(cfg(chat_template_kwargs={"x": 1})) == {"x": 1}
+    assert chat_template_kwargs(cfg(trl={"chat_template_kwargs": None})) == {}
+    with pytest.raises(ConfigError, match="`chat_template_kwargs` is not a key ebft knows at the top level"):
+        cfg(chat_template_kwargs={"x": 1})  # its one place is trl.chat_template_kwargs
 
 
 def test_a_tokenizer_without_chat_template_reads_plain_text(tok):
@@ -315,8 +323,8 @@ def test_a_tokenizer_without_chat_template_reads_plain_text(tok):
 def test_split_parts_concatenate(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", PAIRS[:8])
     write_jsonl(tmp_path / "test.jsonl", PAIRS[8:])
-    assert ids(load_source({"path": str(tmp_path), "split": "train[:2]+test[-1:]"})) == [0, 1, 9]
-    assert len(load_source({"path": "builtin:humaneval", "split": "train[:3]+test[:2]"})) == 5
+    assert ids(load_source(entry(path=str(tmp_path), split="train[:2]+test[-1:]"))) == [0, 1, 9]
+    assert len(load_source(entry(path="builtin:humaneval", split="train[:3]+test[:2]"))) == 5
 
 
 @pytest.mark.parametrize("preset, columns", [

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from ebft_engine import modeling
+from ebft_engine.config import ConfigError, EbftConfig, load_config
 from ebft_engine.modeling import (
     BUILTIN_SMOLLM2,
     ModelLoadError,
@@ -82,9 +82,9 @@ def test_torch_dtype_wins_everywhere_the_config_is_loaded(monkeypatch, tmp_path)
     from ebft_engine.rollout.vllm_launcher import hf_dtype
 
     monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
-    assert config_dtype({"bf16": True, "torch_dtype": "float32"}, CPU) == torch.float32
-    assert config_dtype({"bf16": "auto", "torch_dtype": "auto"}, CPU) == torch.bfloat16
-    assert config_dtype({"bf16": False, "torch_dtype": None}, CPU) == torch.float32
+    assert config_dtype(EbftConfig(bf16=True, torch_dtype="float32"), CPU) == torch.float32
+    assert config_dtype(EbftConfig(bf16="auto", torch_dtype="auto"), CPU) == torch.bfloat16
+    assert config_dtype(EbftConfig(bf16=False, torch_dtype=None), CPU) == torch.float32
     cfg = load_config(REPO / "presets" / "smollm2-135m-structured-cpu.yaml",
                       ["torch_dtype=float32", "device=cpu"])
     assert config_dtype(cfg, CPU) == torch.float32 and hf_dtype(cfg) == "float32"
@@ -211,11 +211,13 @@ def test_apply_lora_target_modules(modules, expected):
 
 
 def test_build_model_and_tokenizer_from_a_config(tiny_folder):
-    cfg = SimpleNamespace(
-        base_model=str(tiny_folder), adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.05,
+    raw = dict(
+        base_model=str(tiny_folder), rl="ebft", ebft={"mode": "strided"}, datasets=[{"path": "unused.jsonl"}],
+        adapter="lora", lora_r=4, lora_alpha=8, lora_dropout=0.05,
         lora_target_linear=True, lora_target_modules=None, bf16=False, fp16=False, device="cpu",
         flash_attention=True, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
     )
+    cfg = load_config(raw)
     with pytest.warns(UserWarning, match="flash-attn is not usable here: using SDPA"):
         model, tokenizer, device, dtype = build_model_and_tokenizer(cfg)
     assert (device, dtype) == (CPU, torch.float32)
@@ -230,8 +232,9 @@ def test_build_model_and_tokenizer_from_a_config(tiny_folder):
     loss.backward()  # reentrant checkpointing over a frozen base still reaches the adapter
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
 
-    with pytest.raises(ModelLoadError, match="adapter: 'dora'"):
-        build_model_and_tokenizer(SimpleNamespace(**{**vars(cfg), "adapter": "dora", "gradient_checkpointing": False}))
+    with pytest.raises(ConfigError, match="`adapter`: `dora` is not a valid choice") as info:
+        load_config({**raw, "adapter": "dora"})  # refused before any model loads
+    assert [p.key for p in info.value.problems] == ["adapter"]
 
 
 # --- the real offline model (slow) ------------------------------------------------------------------

@@ -14,7 +14,6 @@ import random
 import sys
 import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from tiny_models import make_tiny_llama
 from ebft_engine.config import load_config
 from ebft_engine.metrics import read_records
 from ebft_engine.stepper import StepResult
-from ebft_engine.train import DataOrder, build_scheduler, config_differences, train
+from ebft_engine.train import DataOrder, build_optimizer, build_scheduler, config_differences, train
 
 VOCAB = 97
 
@@ -184,10 +183,22 @@ def test_learning_rate_schedule_warmup_then_cosine(tmp_path):
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
 
 
+def test_the_optimizer_takes_its_settings_from_the_config():
+    cfg = tiny_cfg(Path("unused"), adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6, weight_decay=0.1)
+    opt = build_optimizer(cfg, make_tiny_llama())
+    matrices, vectors = opt.param_groups
+    assert isinstance(opt, torch.optim.AdamW)
+    assert matrices["betas"] == (0.8, 0.95) and matrices["eps"] == 1e-6
+    assert (matrices["weight_decay"], vectors["weight_decay"]) == (0.1, 0.0)
+    assert all(p.ndim >= 2 for p in matrices["params"]) and all(p.ndim < 2 for p in vectors["params"])
+    default = build_optimizer(tiny_cfg(Path("unused")), make_tiny_llama()).param_groups[0]
+    assert default["betas"] == (0.9, 0.999) and default["eps"] == 1e-8
+
+
 @pytest.mark.parametrize("kind, expected_last", [("linear", 1 / 8), ("constant", 1.0)])
 def test_schedule_kinds(kind, expected_last):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = build_scheduler(SimpleNamespace(warmup_steps=0, warmup_ratio=None, lr_scheduler=kind), opt, 8)
+    sched = build_scheduler(tiny_cfg(Path("unused"), warmup_steps=0, lr_scheduler=kind), opt, 8)
     lrs = []
     for _ in range(8):
         lrs.append(sched.get_last_lr()[0])
@@ -200,7 +211,7 @@ def test_gradient_accumulation_matches_a_bigger_micro_batch():
     rows = tiny_rows(2, seed=11)
     grads = []
     for mb, ga in ((1, 2), (2, 1)):
-        cfg = SimpleNamespace(micro_batch_size=mb, gradient_accumulation_steps=ga)
+        cfg = tiny_cfg(Path("unused"), micro_batch_size=mb, gradient_accumulation_steps=ga)
         model = make_tiny_llama(seed=1)
         stepper = CEStepper(cfg, model, None, "cpu", torch.float32, crop=100)
         torch.manual_seed(0)

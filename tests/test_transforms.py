@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import sys
 import textwrap
-from types import SimpleNamespace
-
 import pytest
 
+from ebft_engine.config import EbftConfig, load_config
 from ebft_engine.data import encode_text, render_chat, render_prompt_ids
 from ebft_engine.transforms import TransformError, builtin_names, load_transform
 
@@ -33,8 +32,11 @@ def tok():
     return AutoTokenizer.from_pretrained(smollm2_folder("float32"))
 
 
-def cfg(**kw):
-    return SimpleNamespace(**{"sequence_len": 512, "trl": None, **kw})
+def cfg(**kw) -> EbftConfig:
+    """A real config (transforms get the run's EbftConfig); `kw` are top-level keys."""
+    return load_config({"base_model": "builtin:smollm2-135m-instruct", "rl": "ebft",
+                        "ebft": {"mode": "strided", "context_length": 1, "generate_max_len": 1},
+                        "datasets": [{"path": "unused.jsonl"}], "sequence_len": 512, **kw})
 
 
 def fn_of(type_name, **kw):
@@ -90,9 +92,7 @@ def test_strided_structured_truncates_completion_then_prompt(tok):
     assert row["prompt_length"] == 9 and row["labels"] == [-100] * 9 + [full["input_ids"][p]]
 
 
-def test_strided_structured_needs_sequence_len_and_tokenizer(tok):
-    with pytest.raises(TransformError, match="sequence_len"):
-        load_transform("ebft_strided_structured.transform", SimpleNamespace(sequence_len=None))
+def test_strided_structured_needs_a_tokenizer(tok):
     with pytest.raises(TransformError, match="tokenizer"):
         fn_of("ebft_strided_structured.transform")[0](PAIR)
 

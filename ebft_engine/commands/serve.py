@@ -13,6 +13,10 @@ import argparse
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ebft_engine.config import EbftConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,32 +81,33 @@ def _start_watchdog() -> None:
         start()
 
 
-def _serve_hf(cfg, host: str, port: int, threads: int | None = None) -> int:
+def _serve_hf(cfg: EbftConfig, host: str, port: int, threads: int | None = None) -> int:
     import torch
 
     if threads:
         torch.set_num_threads(int(threads))
     from ebft_engine.rollout import vllm_launcher as launcher
-    from ebft_engine.rollout.hf_server import load_state, log, serve
+    from ebft_engine.rollout.hf_engine import load_state
+    from ebft_engine.rollout.hf_server import log, serve
 
     model_path, gguf_file = launcher.resolve_model_source(cfg)
-    device = str(getattr(cfg, "device", "auto") or "auto")
+    device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not threads and "OMP_NUM_THREADS" not in os.environ:
         # the trainer runs beside us on the same cores: take half, not all (oversubscribed
         # OpenMP threads spin and slow both processes down many times over)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    rank = launcher.lora_rank_flag(int(cfg.lora_r)) if launcher.uses_lora(cfg) else 64
+    rank = launcher.lora_rank_flag(cfg.lora_r) if launcher.uses_lora(cfg) else 64
     log(f"loading {cfg.base_model} ({model_path}) on {device}, {torch.get_num_threads()} threads")
     state = load_state(model_path, max_model_len=launcher.max_model_len(cfg),
-                       dtype=launcher.hf_dtype(cfg), device=device, seed=int(cfg.seed),
+                       dtype=launcher.hf_dtype(cfg), device=device, seed=cfg.seed,
                        max_lora_rank=rank, gguf_file=gguf_file)
     serve(state, host, port)
     return 0
 
 
-def _serve_vllm(cfg, host: str, port: int, *, print_only: bool = False) -> int:
+def _serve_vllm(cfg: EbftConfig, host: str, port: int, *, print_only: bool = False) -> int:
     import shlex
     import subprocess
 

@@ -2,9 +2,12 @@
 
 Runs where vLLM cannot (a CPU, CI) and is what `ebft serve` starts for `vllm.backend: hf`. It speaks
 vLLM's field names, status codes and error body (`{"error": {"message", "type", "param", "code"}}`)
-so the one client (`client.py`) works against both. Routes (vllm-integration.md §3.3-3.4, §7(d)):
+so the one client (`client.py`) works against both. This module is the HTTP surface (FastAPI
+routes, the socket, the command line); the engine behind it is `hf_engine.py` (the served model
+and its adapters, request handling) with `hf_sampling.py` (the sampling loop). Routes
+(vllm-integration.md §3.3-3.4, §7(d)):
 
-    GET  /health, /version, /v1/models, /is_paused, /weight_info
+    GET  /health, /version, /v1/models, /is_paused, /weight_info, /server_info
     POST /v1/completions          token-id prompts, n, temperature/top_p/top_k/min_p, seed,
                                   max_tokens, stop_token_ids, ignore_eos, logprobs (of the
                                   sampled token, processed = of the sampling distribution, as
@@ -14,9 +17,7 @@ so the one client (`client.py`) works against both. Routes (vllm-integration.md 
     POST /collective_rpc          only {"method": "reload_weights", "kwargs": {"weights_path"}}
     POST /pause, /resume, /reset_prefix_cache, /update_weight_version
 
-One request at a time holds the model (a lock); `/health` never waits on it. Sampling is our own
-KV-cached loop over the n copies of a prompt, so the returned log-probs are exactly
-`log_softmax(processed logits)` of the distribution each token was drawn from. Every request and
+One request at a time holds the model (a lock); `/health` never waits on it. Every request and
 every adapter load/unload is logged to stdout (the launcher sends it to server.log).
 
     python -m ebft_engine.rollout.hf_server --model DIR [--port 0] [--host 127.0.0.1]
@@ -25,364 +26,20 @@ every adapter load/unload is logged to stdout (the launcher sends it to server.l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from fastapi import Request  # module level: route annotations are resolved from these globals
 
+from ebft_engine.rollout.hf_engine import ApiError, ServerState, load_state
 from ebft_engine.rollout.protocol import BASE_MODEL_NAME
-
-GREEDY_BELOW = 1e-5
-"""Temperatures below this mean greedy decoding (as vLLM)."""
 
 
 def log(msg: str) -> None:
     print(f"[hf-server {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-class ApiError(Exception):
-    """An error answered with vLLM's body shape."""
-
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-             503: "ServiceUnavailableError"}
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
-                          "param": self.param, "code": self.status}}
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampling
-
-
-def processed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                       min_p: float = 0.0) -> torch.Tensor:
-    """log of the distribution tokens are sampled from: temperature, then top-k, top-p, min-p
-    (vLLM's order), renormalised. [B, V] float32. Temperature 0 = greedy on the raw logits."""
-    x = logits.float()
-    if temperature > GREEDY_BELOW:
-        x = x / temperature
-    if top_k and 0 < top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if 0 < top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        drop_sorted = (probs.cumsum(-1) - probs) > top_p  # keep the smallest prefix reaching p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        x = x.masked_fill(drop, float("-inf"))
-    if min_p and min_p > 0:
-        probs = torch.softmax(x, dim=-1)
-        x = x.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return torch.log_softmax(x, dim=-1)
-
-
-def _cache_kwarg(model) -> str:
-    """`cache` in newer transformers, `past_key_values` before (looked up on the unwrapped model:
-    a peft wrapper's forward takes **kwargs)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        params = inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@torch.no_grad()
-def sample_group(model, prompt_ids: list[int], n: int, max_tokens: int, *, temperature: float,
-                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                 stop_ids: set[int] = frozenset(), min_tokens: int = 0,
-                 generator: torch.Generator | None = None) -> list[dict]:
-    """Sample n continuations of one prompt with a shared KV cache (the n rows are identical
-    prompts, so no padding). Returns per sample: token_ids, logprobs, finish_reason, stop_reason."""
-    device = next(model.parameters()).device
-    cache_kw = _cache_kwarg(model)
-    ids = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True)
-    cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
-    logits = out.logits[:, -1, :]
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    lps: list[list[float]] = [[] for _ in range(n)]
-    done = [False] * n
-    reasons: list[tuple[str, int | None]] = [("length", None)] * n
-    stop_list = sorted(stop_ids)
-    for t in range(max_tokens):
-        if t < min_tokens and stop_list:
-            logits = logits.clone()
-            logits[:, stop_list] = float("-inf")
-        lp = processed_logprobs(logits, temperature, top_k, top_p, min_p)
-        if temperature > GREEDY_BELOW:
-            nxt = torch.multinomial(lp.exp(), 1, generator=generator).squeeze(-1)
-        else:
-            nxt = lp.argmax(-1)
-        chosen = lp.gather(1, nxt[:, None]).squeeze(1)
-        nxt_l, chosen_l = nxt.tolist(), chosen.tolist()
-        for i in range(n):
-            if done[i]:
-                continue
-            tokens[i].append(nxt_l[i])
-            lps[i].append(chosen_l[i])
-            if nxt_l[i] in stop_ids:
-                done[i] = True
-                reasons[i] = ("stop", nxt_l[i])
-        if all(done) or t == max_tokens - 1:
-            break
-        out = model(input_ids=nxt[:, None], use_cache=True, **{cache_kw: cache})
-        cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
-        logits = out.logits[:, -1, :]
-    return [{"token_ids": tokens[i], "logprobs": lps[i], "finish_reason": reasons[i][0],
-             "stop_reason": reasons[i][1]} for i in range(n)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Server state: the base model, its peft wrapper once an adapter is loaded, the adapters
-
-
-@dataclass
-class ServerState:
-    model: Any
-    tokenizer: Any
-    model_path: str
-    served_name: str = BASE_MODEL_NAME
-    max_model_len: int = 2048
-    max_lora_rank: int = 64
-    seed: int = 0
-    peft: Any = None
-    adapters: dict[str, str] = field(default_factory=dict)
-    paused: bool = False
-    weight_version: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    rng: torch.Generator = field(default_factory=torch.Generator)
-
-    def __post_init__(self):
-        self.rng.manual_seed(self.seed)
-
-    # -- adapters --------------------------------------------------------------------------------
-
-    def load_lora(self, name: str, path: str, load_inplace: bool = False) -> None:
-        if not name:
-            raise ApiError(400, "lora_name must be a non-empty string", "lora_name")
-        if name == self.served_name:
-            raise ApiError(400, f"The lora adapter name '{name}' is the base model's name.")
-        if name in self.adapters and not load_inplace:
-            raise ApiError(400, f"The lora adapter '{name}' has already been loaded. If you want to "
-                                "load the adapter in place, set 'load_inplace' to True.")
-        cfg_file = Path(path) / "adapter_config.json"
-        if not cfg_file.is_file():
-            raise ApiError(404, f"No adapter found for {path}")
-        try:
-            rank = int(json.loads(cfg_file.read_text()).get("r", 0))
-        except (ValueError, OSError) as e:
-            raise ApiError(400, f"Unreadable adapter config {cfg_file}: {e}") from e
-        if rank > self.max_lora_rank:
-            raise ApiError(400, f"LoRA rank {rank} is greater than max_lora_rank "
-                                f"{self.max_lora_rank}.")
-        from peft import PeftModel
-
-        with self.lock:
-            if name in self.adapters:
-                self._delete(name)
-            try:
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name,
-                                                          is_trainable=False)
-                    self.peft.eval()
-                else:
-                    self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
-            except Exception as e:  # a broken adapter folder must not kill the server
-                raise ApiError(400, f"Loading LoRA adapter '{name}' from {path} failed: {e}") from e
-            self.adapters[name] = str(path)
-
-    def unload_lora(self, name: str) -> None:
-        if name not in self.adapters:
-            raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
-        with self.lock:
-            self._delete(name)
-
-    def _delete(self, name: str) -> None:
-        del self.adapters[name]
-        if not self.adapters:  # last one: remove the LoRA layers altogether (never merged)
-            self.model = self.peft.unload()
-            self.peft = None
-        else:
-            self.peft.delete_adapter(name)
-
-    # -- weights ---------------------------------------------------------------------------------
-
-    def reload_weights(self, weights_path: str) -> int:
-        """Load a safetensors checkpoint (HF parameter names) into the base weights in place."""
-        from safetensors.torch import load_file
-
-        files = sorted(Path(weights_path).glob("*.safetensors"))
-        if not files:
-            raise ApiError(400, f"reload_weights: no *.safetensors files in {weights_path}")
-        with self.lock:
-            params = dict(self.model.named_parameters())
-            params.update(dict(self.model.named_buffers()))
-            n = 0
-            for f in files:
-                for key, tensor in load_file(str(f)).items():
-                    target = params.get(key)
-                    if target is None and key.endswith(".weight"):  # peft-wrapped linear
-                        target = params.get(key[: -len(".weight")] + ".base_layer.weight")
-                    if target is None and key.endswith(".bias"):
-                        target = params.get(key[: -len(".bias")] + ".base_layer.bias")
-                    if target is None:
-                        continue
-                    with torch.no_grad():
-                        target.copy_(tensor.to(target.dtype))
-                    n += 1
-            if n == 0:
-                raise ApiError(400, f"reload_weights: no tensor in {weights_path} matched a "
-                                    "parameter name of the served model")
-            return n
-
-    # -- generation ------------------------------------------------------------------------------
-
-    def model_names(self) -> list[str]:
-        return [self.served_name, *self.adapters]
-
-    def completions(self, body: dict) -> dict:
-        name = body.get("model") or self.served_name
-        if name != self.served_name and name not in self.adapters:
-            raise ApiError(404, f"The model `{name}` does not exist.", "model")
-        if self.paused:
-            raise ApiError(503, "The server is paused (POST /resume to continue).")
-        prompts = self._prompts(body.get("prompt"))
-        n = _int(body, "n", 1, low=1)
-        max_tokens = body.get("max_tokens")
-        max_tokens = 16 if max_tokens is None else _int(body, "max_tokens", 16, low=1)
-        for i, p in enumerate(prompts):
-            if len(p) + max_tokens > self.max_model_len:
-                raise ApiError(400, f"'max_tokens' is too large: {max_tokens}. This model's maximum "
-                                    f"context length (max_model_len) is {self.max_model_len} tokens "
-                                    f"and prompt {i} has {len(p)} input tokens "
-                                    f"({max_tokens} > {self.max_model_len} - {len(p)}).",
-                               "max_tokens")
-        temperature = float(body.get("temperature", 1.0) if body.get("temperature") is not None
-                            else 1.0)
-        top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
-        top_k = int(body.get("top_k") if body.get("top_k") is not None else -1)
-        min_p = float(body.get("min_p") if body.get("min_p") is not None else 0.0)
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ApiError(400, "temperature must be >= 0 and top_p in (0, 1].")
-        stop_ids = {int(t) for t in (body.get("stop_token_ids") or [])}
-        if not body.get("ignore_eos"):
-            stop_ids |= self._eos_ids()
-        want_logprobs = body.get("logprobs") is not None
-        as_ids = bool(body.get("return_tokens_as_token_ids")) or self.tokenizer is None
-        seed = body.get("seed")
-        gen = torch.Generator(device=next(self.model.parameters()).device)
-        gen.manual_seed(int(seed) if seed is not None
-                        else int(torch.randint(0, 2**62, (1,), generator=self.rng)))
-        choices, n_out = [], 0
-        with self.lock:
-            if name != self.served_name and name not in self.adapters:
-                raise ApiError(404, f"The model `{name}` does not exist.", "model")
-            model, ctx = self._model_for(name)
-            with ctx:
-                for pi, p in enumerate(prompts):
-                    samples = sample_group(model, p, n, max_tokens, temperature=temperature,
-                                           top_p=top_p, top_k=top_k, min_p=min_p, stop_ids=stop_ids,
-                                           min_tokens=int(body.get("min_tokens") or 0),
-                                           generator=gen)
-                    for s in samples:
-                        choices.append(self._choice(len(choices), p, s, body, want_logprobs, as_ids))
-                        n_out += len(s["token_ids"])
-        n_in = sum(len(p) for p in prompts)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": name, "choices": choices,
-                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
-                          "total_tokens": n_in + n_out}}
-
-    def _model_for(self, name: str):
-        import contextlib
-
-        if self.peft is None:
-            return self.model, contextlib.nullcontext()
-        if name == self.served_name:
-            return self.peft, self.peft.disable_adapter()
-        if name not in self.adapters:  # unloaded while this request waited for the lock
-            raise ApiError(404, f"The model `{name}` does not exist.", "model")
-        self.peft.set_adapter(name)
-        return self.peft, contextlib.nullcontext()
-
-    def _eos_ids(self) -> set[int]:
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
-        if eos is None:
-            eos = getattr(getattr(self.model, "config", None), "eos_token_id", None)
-        if eos is None:
-            return set()
-        return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
-
-    def _prompts(self, prompt) -> list[list[int]]:
-        if prompt is None or (isinstance(prompt, list) and not prompt):
-            raise ApiError(400, "prompt must be a non-empty list of token ids, a list of such "
-                                "lists, or text.", "prompt")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if all(isinstance(t, int) for t in prompt):
-            prompt = [prompt]
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ApiError(400, "text prompts need a tokenizer; send token ids", "prompt")
-                p = self.tokenizer.encode(p)
-            if not isinstance(p, list) or not p or not all(isinstance(t, int) for t in p):
-                raise ApiError(400, "each prompt must be a non-empty list of token ids", "prompt")
-            vocab = self.model.config.vocab_size
-            if any(t < 0 or t >= vocab for t in p):
-                raise ApiError(400, f"token id out of vocabulary range [0, {vocab})", "prompt")
-            out.append(p)
-        return out
-
-    def _choice(self, index, prompt, s, body, want_logprobs, as_ids) -> dict:
-        ids = s["token_ids"]
-        tok = self.tokenizer
-        text = tok.decode(ids, skip_special_tokens=body.get("skip_special_tokens", True)) \
-            if tok is not None else ""
-        choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None,
-                                  "finish_reason": s["finish_reason"],
-                                  "stop_reason": s["stop_reason"]}
-        if want_logprobs:
-            names = [f"token_id:{t}" for t in ids] if as_ids else \
-                [tok.convert_ids_to_tokens(t) for t in ids]
-            offsets, pos = [], 0
-            for piece in names:
-                offsets.append(pos)
-                pos += len(piece)
-            choice["logprobs"] = {"text_offset": offsets, "token_logprobs": s["logprobs"],
-                                  "tokens": names,
-                                  "top_logprobs": [{nm: lp} for nm, lp in zip(names, s["logprobs"])]}
-        if body.get("return_token_ids"):
-            choice["prompt_token_ids"] = list(prompt)
-            choice["token_ids"] = list(ids)
-        return choice
-
-
-def _int(body: dict, key: str, default: int, low: int | None = None) -> int:
-    v = body.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"{key} must be an integer, got {v!r}", key)
-    if low is not None and v < low:
-        raise ApiError(400, f"{key} must be at least {low}, got {v}", key)
-    return v
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,19 +47,31 @@ def _int(body: dict, key: str, default: int, low: int | None = None) -> int:
 
 
 def create_app(state: ServerState):
+    """The FastAPI app serving `state`, one group of routes at a time."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
     app = FastAPI(title="ebft hf generation server")
+    _error_handlers(app)
+    _info_routes(app, state)
+    _completion_route(app, state)
+    _weight_routes(app, state)
+    _control_routes(app, state)
+    return app
 
-    async def _json(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except Exception as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from e
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except Exception as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+def _error_handlers(app) -> None:
+    """ApiError -> vLLM's error body; anything else -> a 500 in the same shape (logged)."""
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
@@ -412,6 +81,11 @@ def create_app(state: ServerState):
     async def _internal(_request: Request, exc: Exception):
         log(f"500 {type(exc).__name__}: {exc}")
         return JSONResponse(ApiError(500, f"{type(exc).__name__}: {exc}").body(), status_code=500)
+
+
+def _info_routes(app, state: ServerState) -> None:
+    """/health, /version, /server_info, /v1/models: never wait on the model's lock."""
+    from fastapi.responses import Response
 
     @app.get("/health")
     def health():
@@ -445,6 +119,10 @@ def create_app(state: ServerState):
                          "max_model_len": state.max_model_len})
         return {"object": "list", "data": data}
 
+
+def _completion_route(app, state: ServerState) -> None:
+    """/v1/completions, run in a worker thread so /health stays responsive."""
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         import anyio
@@ -464,6 +142,11 @@ def create_app(state: ServerState):
         log(f"POST /v1/completions {desc} -> 200 ({result['usage']['completion_tokens']} tokens, "
             f"{time.perf_counter() - t0:.2f}s)")
         return result
+
+
+def _weight_routes(app, state: ServerState) -> None:
+    """LoRA adapters by name, and in-place reloads of the base weights."""
+    from fastapi.responses import PlainTextResponse
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):
@@ -511,6 +194,10 @@ def create_app(state: ServerState):
             f"({n} tensors, {time.perf_counter() - t0:.2f}s)")
         return {"results": [None]}
 
+
+def _control_routes(app, state: ServerState) -> None:
+    """Pause / resume generation, and the weight version the trainer tags a sync with."""
+
     @app.post("/pause")
     def pause(mode: str = "abort"):
         state.paused = True
@@ -540,8 +227,6 @@ def create_app(state: ServerState):
     def weight_info():
         return {"weight_version": state.weight_version}
 
-    return app
-
 
 def _count_prompts(prompt) -> int:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
@@ -551,26 +236,6 @@ def _count_prompts(prompt) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # Entry point
-
-
-def load_state(model_dir: str, *, served_name: str = BASE_MODEL_NAME, max_model_len: int | None = None,
-               dtype: str = "auto", device: str = "cpu", seed: int = 0,
-               max_lora_rank: int = 64, gguf_file: str | None = None) -> ServerState:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra).to(device)
-    model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **extra)
-    except Exception:  # token ids are enough; text and token names then need ids
-        tokenizer = None
-    if max_model_len is None:
-        max_model_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return ServerState(model=model, tokenizer=tokenizer, model_path=str(model_dir),
-                       served_name=served_name, max_model_len=max_model_len, seed=seed,
-                       max_lora_rank=max_lora_rank)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from ebft_engine.config import LOOPBACK, EbftConfig
 from ebft_engine.rollout.client import GenerationClient, ServerError, _log_tail
 from ebft_engine.rollout.protocol import BASE_MODEL_NAME
 
@@ -28,33 +29,21 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_MAX_LORAS = 4
 """Adapters resident at once: the current policy, the previous one still used by an in-flight
 async batch, and slack for the unload that follows a load."""
-LOOPBACK = "127.0.0.1"
 ALL_INTERFACES = ("0.0.0.0", "::", "[::]")
 
 
-def _get(obj: Any, dotted: str, default=None):
-    """cfg.a.b with a default when a level is missing or None (the config may omit sections)."""
-    cur = obj
-    for part in dotted.split("."):
-        if cur is None:
-            return default
-        cur = cur.get(part) if isinstance(cur, dict) else getattr(cur, part, None)
-    return default if cur is None else cur
-
-
-def server_bind_host(cfg) -> str:
+def server_bind_host(cfg: EbftConfig) -> str:
     """Where the server listens: `trl.vllm_server_host`, else loopback (decisions.md §12)."""
-    return str(_get(cfg, "trl.vllm_server_host") or _get(cfg, "server_host") or LOOPBACK)
+    return cfg.server_host
 
 
-def client_host(cfg) -> str:
+def client_host(cfg: EbftConfig) -> str:
     """Where the trainer connects: loopback when the server listens on all interfaces."""
-    host = server_bind_host(cfg)
-    return LOOPBACK if host in ALL_INTERFACES or host == "" else host
+    return cfg.client_host
 
 
-def server_port(cfg) -> int:
-    return int(_get(cfg, "trl.vllm_server_port", 8000))
+def server_port(cfg: EbftConfig) -> int:
+    return cfg.trl.vllm_server_port
 
 
 def base_url(host: str, port: int) -> str:
@@ -72,37 +61,39 @@ def lora_rank_flag(r: int) -> int:
                      f"({VLLM_LORA_RANKS[-1]})")
 
 
-def uses_lora(cfg) -> bool:
-    return str(_get(cfg, "adapter", "") or "").lower() in ("lora", "qlora")
+def uses_lora(cfg: EbftConfig) -> bool:
+    return cfg.adapter == "lora"
 
 
-def max_model_len(cfg) -> int:
+def max_model_len(cfg: EbftConfig) -> int:
     """`vllm.max_model_len`, else sequence_len + max_completion_length (the config's default)."""
-    explicit = _get(cfg, "vllm.max_model_len")
-    if explicit:
-        return int(explicit)
-    return int(_get(cfg, "sequence_len", 1024)) + int(_get(cfg, "trl.max_completion_length", 256))
+    if cfg.vllm.max_model_len:
+        return cfg.vllm.max_model_len
+    if cfg.trl.max_completion_length is None:  # only strided configs lack it, and they need no server
+        raise ServerError("trl.max_completion_length is unset: a generation server serves structured "
+                          "mode (ebft.mode: structured), which requires it")
+    return cfg.sequence_len + cfg.trl.max_completion_length
 
 
-def serve_dtype(cfg) -> str:
-    explicit = _get(cfg, "torch_dtype")
-    if explicit and str(explicit) != "auto":
-        return str(explicit).replace("torch.", "")
-    bf16 = _get(cfg, "bf16")
-    if bf16 is True or str(bf16).lower() == "true":
+def serve_dtype(cfg: EbftConfig) -> str:
+    """vLLM's `--dtype`: `torch_dtype` when set, bfloat16 / float16 for `bf16: true` / `fp16: true`,
+    else auto."""
+    if cfg.torch_dtype and cfg.torch_dtype != "auto":
+        return cfg.torch_dtype
+    if cfg.bf16 is True:
         return "bfloat16"
-    if _get(cfg, "fp16") is True:
+    if cfg.fp16:
         return "float16"
     return "auto"
 
 
-def resolve_vllm_executable(cfg) -> str:
+def resolve_vllm_executable(cfg: EbftConfig) -> str:
     """$EBFT_VLLM_EXECUTABLE, else `vllm.executable`, else `vllm` on PATH; a clear error if none.
 
     (The environment wins, as documented for `vllm.executable`: a machine's own vLLM location
     beats the one written into a shared config.)"""
     for candidate, source in ((os.environ.get("EBFT_VLLM_EXECUTABLE"), "EBFT_VLLM_EXECUTABLE"),
-                              (_get(cfg, "vllm.executable"), "vllm.executable")):
+                              (cfg.vllm.executable, "vllm.executable")):
         if candidate:
             path = shutil.which(str(candidate)) or (str(candidate) if Path(candidate).is_file()
                                                       else None)
@@ -120,36 +111,25 @@ def resolve_vllm_executable(cfg) -> str:
                       "use our transformers server with `vllm.backend: hf` (slower, no GPU needed).")
 
 
-def _extra_args(cfg) -> list[str]:
-    extra = _get(cfg, "vllm.extra_args")
-    if not extra:
-        return []
-    if isinstance(extra, str):
-        return shlex.split(extra)
-    return [str(a) for a in extra]
-
-
-def vllm_serve_argv(cfg, model_path: str, port: int, host: str = LOOPBACK,
+def vllm_serve_argv(cfg: EbftConfig, model_path: str, port: int, host: str = LOOPBACK,
                     executable: str | None = None) -> list[str]:
     """The `vllm serve` command line for a config (no shell; one list element per argument)."""
     exe = executable or resolve_vllm_executable(cfg)
     argv = [exe, "serve", str(model_path), "--host", host, "--port", str(int(port)),
             "--served-model-name", BASE_MODEL_NAME, "--dtype", serve_dtype(cfg),
             "--max-model-len", str(max_model_len(cfg)),
-            "--gpu-memory-utilization", str(float(_get(cfg, "vllm.gpu_memory_utilization", 0.85))),
-            "--seed", str(int(_get(cfg, "seed", 0))),
+            "--gpu-memory-utilization", str(cfg.vllm.gpu_memory_utilization),
+            "--seed", str(cfg.seed),
             "--enable-prefix-caching", "--generation-config", "vllm",
             "--logprobs-mode", "processed_logprobs", "--api-server-count", "1"]
     if uses_lora(cfg):
-        r = int(_get(cfg, "lora_r", 16))
-        argv += ["--enable-lora", "--max-lora-rank", str(lora_rank_flag(r)),
+        argv += ["--enable-lora", "--max-lora-rank", str(lora_rank_flag(cfg.lora_r)),
                  "--max-loras", str(DEFAULT_MAX_LORAS)]
-    tp = int(_get(cfg, "vllm.tensor_parallel_size", 1))
-    if tp > 1:
-        argv += ["--tensor-parallel-size", str(tp)]
-    if _get(cfg, "vllm.enforce_eager", False):
+    if cfg.vllm.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(cfg.vllm.tensor_parallel_size)]
+    if cfg.vllm.enforce_eager:
         argv.append("--enforce-eager")
-    return argv + _extra_args(cfg)
+    return argv + list(cfg.vllm.extra_args)
 
 
 def vllm_env(model_path: str, base_env: dict[str, str] | None = None) -> dict[str, str]:
@@ -161,7 +141,7 @@ def vllm_env(model_path: str, base_env: dict[str, str] | None = None) -> dict[st
     return env
 
 
-def hf_serve_argv(cfg, port: int, host: str = LOOPBACK, model_path: str | None = None,
+def hf_serve_argv(cfg: EbftConfig, port: int, host: str = LOOPBACK, model_path: str | None = None,
                   python: str | None = None) -> list[str]:
     """Our transformers server for a config (`vllm.backend: hf`)."""
     gguf_file = None
@@ -170,36 +150,36 @@ def hf_serve_argv(cfg, port: int, host: str = LOOPBACK, model_path: str | None =
     argv = [python or sys.executable, "-m", "ebft_engine.rollout.hf_server", "--model",
             str(model_path), "--host", host, "--port", str(int(port)),
             "--served-model-name", BASE_MODEL_NAME, "--max-model-len", str(max_model_len(cfg)),
-            "--seed", str(int(_get(cfg, "seed", 0))), "--device", "auto",
+            "--seed", str(cfg.seed), "--device", "auto",
             "--dtype", hf_dtype(cfg)]
     if gguf_file:
         argv += ["--gguf-file", gguf_file]
     if uses_lora(cfg):
-        argv += ["--max-lora-rank", str(lora_rank_flag(int(_get(cfg, "lora_r", 16))))]
+        argv += ["--max-lora-rank", str(lora_rank_flag(cfg.lora_r))]
     return argv
 
 
-def hf_dtype(cfg) -> str:
+def hf_dtype(cfg: EbftConfig) -> str:
     """Our server's dtype: the one the trainer picks for this config (so the importance weights
     compare like with like): `torch_dtype`, else `bf16`/`fp16` as modeling resolves them."""
     from ebft_engine import modeling
 
-    device = modeling.resolve_device(_get(cfg, "device", "auto"))
+    device = modeling.resolve_device(cfg.device)
     return modeling.dtype_name(modeling.config_dtype(cfg, device))
 
 
-def resolve_model_source(cfg) -> tuple[str, str | None]:
+def resolve_model_source(cfg: EbftConfig) -> tuple[str, str | None]:
     """(local folder or hub id, GGUF file name or None) for `base_model`, via modeling.py."""
     from ebft_engine import modeling
 
-    return modeling.resolve_model_path(str(_get(cfg, "base_model")), dtype=hf_dtype(cfg))
+    return modeling.resolve_model_path(cfg.base_model, dtype=hf_dtype(cfg))
 
 
-def vllm_model_arg(cfg) -> str:
+def vllm_model_arg(cfg: EbftConfig) -> str:
     """What `vllm serve` gets as its model: a folder or hub id (a GGUF file is refused)."""
     path, gguf_file = resolve_model_source(cfg)
     if gguf_file:
-        raise ServerError(f"base_model {_get(cfg, 'base_model')!r} is a GGUF file; `vllm serve` "
+        raise ServerError(f"base_model {cfg.base_model!r} is a GGUF file; `vllm serve` "
                           "needs a transformers folder or hub id. Convert it to a folder first, or "
                           "use `vllm.backend: hf`.")
     return str(path)

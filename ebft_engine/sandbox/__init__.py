@@ -4,6 +4,9 @@
 `require_backend` says which jail works here (bubblewrap, else util-linux unshare) or raises
 `SandboxUnavailable` with how to get one; `UNSAFE` is the explicit opt-out behind
 `--unsafe-exec` (rlimits and a timeout, no boundary).
+
+May import: the standard library only (boot.py and unshare_init.py even run inside the jail,
+without ebft_engine); never torch or the rest of the engine, which calls it from eval.py.
 """
 
 from ebft_engine.sandbox.backends import (

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ebft_engine.advantages import compute_advantages
+from ebft_engine.config import EbftConfig
 from ebft_engine.features import (feature_layer_indices, frozen_feature_model, is_peft_model,
                                   make_frozen_copy, num_decoder_layers, pool_blocks, token_features)
 from ebft_engine.rewards import compute_rewards, reward_metrics
@@ -73,7 +74,7 @@ def _as_list(x: Any) -> list[int]:
 class StridedStepper:
     """The strided mode (`ebft_engine/stepper.py` protocol). One row = one document."""
 
-    def __init__(self, cfg: Any, model: nn.Module, tokenizer: Any, device: Any, dtype: Any = None,
+    def __init__(self, cfg: EbftConfig, model: nn.Module, tokenizer: Any, device: Any, dtype: Any = None,
                  feature_model: nn.Module | None = None, fold_samples: bool = True):
         e = cfg.ebft
         self.cfg, self.e = cfg, e
@@ -83,10 +84,10 @@ class StridedStepper:
         self.dtype = dtype
         self.rows_per_step = int(cfg.micro_batch_size) * int(cfg.gradient_accumulation_steps)
         self.n = int(e.n_samples_per_prompt)
-        self.window = int(e.context_length) if getattr(e, "sliding_context_window", False) else None
+        self.window = e.context_length if e.sliding_context_window else None
         self.layer_indices = feature_layer_indices(e.feature_layers, num_decoder_layers(model))
-        self.max_len = int(getattr(cfg, "sequence_len", 0) or 0) or None
-        self.seed = int(getattr(cfg, "seed", 0) or 0)
+        self.max_len = cfg.sequence_len
+        self.seed = cfg.seed
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         if pad is None and tokenizer is not None:
             pad = getattr(tokenizer, "eos_token_id", None)

@@ -2,7 +2,7 @@
 
 A dataset entry's `type: module.function` names a transform factory with the spec's contract:
 
-    def transform(cfg, **kwargs):
+    def transform(cfg, **kwargs):          # cfg: the run's EbftConfig (`cfg.sequence_len`, ...)
         def transform_fn(example, tokenizer=None) -> dict: ...
         return transform_fn, {"remove_columns": "__all__"}
 
@@ -13,6 +13,11 @@ dict of columns and returns one, possibly with a different number of rows), and 
 
 Built-in module names win over importable modules of the same name; any other `module` is
 imported from the current directory or PYTHONPATH.
+
+What lives here: this loader and the spec's built-ins, one module each (`ebft_opencode`,
+`ebft_strided_structured`, `ebft_strided_chat`, `ebft_chat_multiturn`, `ebft_reasoning`,
+`ebft_pretrain`). May import: config and data (prompt rendering); never torch at module level,
+nor the modes or train.py.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import importlib
 import os
 import sys
 from typing import Any, Callable
+
+from ebft_engine.config import EbftConfig
 
 BUILTIN_MODULES = (
     "ebft_opencode",
@@ -66,7 +73,7 @@ def _import_module(type_name: str, module_name: str):
         raise TransformError(f"dataset type {type_name!r}: importing {module_name!r} failed: {error}") from error
 
 
-def load_transform(type_name: str, cfg: Any, **kwargs: Any) -> tuple[TransformFn, dict]:
+def load_transform(type_name: str, cfg: EbftConfig, **kwargs: Any) -> tuple[TransformFn, dict]:
     """Resolve `type_name` to its factory, call it with `cfg`, and check what it returns."""
     module_name, _, function_name = str(type_name).rpartition(".")
     if not module_name or not function_name:
@@ -124,10 +131,3 @@ def get_messages(example: dict) -> list[dict]:
 def require_tokenizer(tokenizer: Any, name: str) -> None:
     if tokenizer is None:
         raise TransformError(f"{name} tokenizes: call transform_fn(example, tokenizer=...)")
-
-
-def sequence_len(cfg: Any) -> int:
-    value = getattr(cfg, "sequence_len", None)
-    if not value:
-        raise TransformError("strided transforms truncate to `sequence_len`: set it in the config")
-    return int(value)

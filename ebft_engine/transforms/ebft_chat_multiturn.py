@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ebft_engine.config import EbftConfig
 from ebft_engine.transforms import get_messages
 
 TRANSFORMS = ("transform", "transform_last_turn", "transform_all_turns")
@@ -29,7 +30,7 @@ def _assistant_turns(example: dict) -> tuple[list[dict], list[int]]:
     return messages, positions
 
 
-def transform(cfg: Any, **kwargs: Any):
+def transform(cfg: EbftConfig, **kwargs: Any):
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         messages, positions = _assistant_turns(example)
         first = positions[0]
@@ -42,7 +43,7 @@ def transform(cfg: Any, **kwargs: Any):
     return transform_fn, {"remove_columns": "__all__"}
 
 
-def transform_last_turn(cfg: Any, **kwargs: Any):
+def transform_last_turn(cfg: EbftConfig, **kwargs: Any):
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         messages, positions = _assistant_turns(example)
         last = positions[-1]
@@ -51,7 +52,7 @@ def transform_last_turn(cfg: Any, **kwargs: Any):
     return transform_fn, {"remove_columns": "__all__"}
 
 
-def transform_all_turns(cfg: Any, **kwargs: Any):
+def transform_all_turns(cfg: EbftConfig, **kwargs: Any):
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         messages, positions = _assistant_turns(example)
         return {

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ebft_engine.config import EbftConfig
 from ebft_engine.transforms import get_field
 
 TRANSFORMS = ("transform",)
 
 
-def transform(cfg: Any, **kwargs: Any):
+def transform(cfg: EbftConfig, **kwargs: Any):
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         return {
             "prompt": [{"role": "user", "content": get_field(example, "input")}],

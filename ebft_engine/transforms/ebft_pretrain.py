@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ebft_engine.transforms import get_field, require_tokenizer, sequence_len
+from ebft_engine.config import EbftConfig
+from ebft_engine.transforms import get_field, require_tokenizer
 
 TRANSFORMS = ("transform",)
 
 
-def transform(cfg: Any, **kwargs: Any):
-    max_len = sequence_len(cfg)
+def transform(cfg: EbftConfig, **kwargs: Any):
+    max_len = cfg.sequence_len
 
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         require_tokenizer(tokenizer, "ebft_pretrain.transform")

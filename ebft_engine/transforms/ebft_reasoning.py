@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ebft_engine.config import EbftConfig
 from ebft_engine.transforms import get_messages
 
 TRANSFORMS = ("transform", "transform_answer_only")
@@ -30,7 +31,7 @@ def _last_turn(example: dict) -> tuple[list[dict], str]:
     return messages[: positions[-1]], messages[positions[-1]]["content"]
 
 
-def transform(cfg: Any, **kwargs: Any):
+def transform(cfg: EbftConfig, **kwargs: Any):
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         prompt, answer = _last_turn(example)
         return {"prompt": prompt, "ground_truth": answer}
@@ -38,7 +39,7 @@ def transform(cfg: Any, **kwargs: Any):
     return transform_fn, {"remove_columns": "__all__"}
 
 
-def transform_answer_only(cfg: Any, **kwargs: Any):
+def transform_answer_only(cfg: EbftConfig, **kwargs: Any):
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:
         prompt, answer = _last_turn(example)
         return {"prompt": prompt, "ground_truth": strip_thinking(answer)}

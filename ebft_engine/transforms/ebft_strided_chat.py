@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ebft_engine.transforms import get_messages, require_tokenizer, sequence_len
+from ebft_engine.config import EbftConfig
+from ebft_engine.transforms import get_messages, require_tokenizer
 
 TRANSFORMS = ("transform",)
 
@@ -58,10 +59,10 @@ def tokenize_chat(tokenizer: Any, messages: list[dict], template_kwargs: dict) -
     return ids, labels
 
 
-def transform(cfg: Any, **kwargs: Any):
+def transform(cfg: EbftConfig, **kwargs: Any):
     from ebft_engine.data import chat_template_kwargs
 
-    max_len = sequence_len(cfg)
+    max_len = cfg.sequence_len
     template_kwargs = chat_template_kwargs(cfg)
 
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ebft_engine.transforms import get_field, require_tokenizer, sequence_len
+from ebft_engine.config import EbftConfig
+from ebft_engine.transforms import get_field, require_tokenizer
 
 TRANSFORMS = ("transform",)
 
@@ -36,10 +37,10 @@ def build_row(prompt_ids: list[int], completion_ids: list[int], max_len: int) ->
     }
 
 
-def transform(cfg: Any, **kwargs: Any):
+def transform(cfg: EbftConfig, **kwargs: Any):
     from ebft_engine.data import chat_template_kwargs, encode_text, render_prompt_ids
 
-    max_len = sequence_len(cfg)
+    max_len = cfg.sequence_len
     template_kwargs = chat_template_kwargs(cfg)
 
     def transform_fn(example: dict, tokenizer: Any = None) -> dict:

@@ -547,6 +547,8 @@ async def test_real_engine_form_and_a_cross_key_problem_on_its_field():
             strided = name == "smollm2-135m-strided-cpu"
             assert form.rows["trl.num_generations"].display is not strided
             assert form.rows["ebft.stride"].display is strided
+            assert all(key in form.rows for key in ("adam_beta1", "adam_beta2", "adam_epsilon",
+                                                    "chat_template_jinja"))
             if not strided:
                 form.rows["trl.num_generations"].editor.value = "3"
                 await pilot.pause()
