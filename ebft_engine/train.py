@@ -519,6 +519,7 @@ def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
         run.wandb_run = start_wandb(cfg, run_dir, cfg_yaml)
         # ---- the loop: step, log, checkpoint; a signal stops it between steps
         watchdog.STOP.graceful = True
+        run.stepper.on_phase = lambda phase: log.phase(run.step + 1, phase)  # the step in progress
         while run.step < run.max_steps and not watchdog.stop_requested():
             if not optimizer_step(run):
                 return EXIT_NONFINITE
