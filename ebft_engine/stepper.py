@@ -10,7 +10,7 @@ a hierarchy of trainer classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Stepper(Protocol):
     # Optional: `rows_in_flight: int`, rows taken for later steps but not trained on yet (structured
     # async prefetch). A checkpoint rewinds the data order by that many, so a resumed run takes
     # them again instead of skipping them.
+    # Optional: `on_phase: Callable[[str], None]`, set by train.py; a mode calls `report_phase`
+    # at its phase boundaries so the log says what a long step is doing (a `phase` record).
 
     def run_step(self, rows: Sequence[dict[str, Any]], step: int) -> StepResult:
         """Roll out, score and backpropagate one optimizer step's rows (loss already divided for
@@ -49,3 +51,10 @@ class Stepper(Protocol):
     def close(self) -> None:
         """Release servers, threads and files."""
         ...
+
+
+def report_phase(stepper: Any, phase: str) -> None:
+    """Tell the loop which part of the step runs now: generating, scoring or training."""
+    callback: Callable[[str], None] | None = getattr(stepper, "on_phase", None)
+    if callback is not None:
+        callback(phase)

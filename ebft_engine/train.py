@@ -639,6 +639,7 @@ def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
         evaluate_at_start(run)
         # ---- the loop: step, log, eval, checkpoint; a signal or early stopping ends it between steps
         watchdog.STOP.graceful = True
+        run.stepper.on_phase = lambda phase: log.phase(run.step + 1, phase)  # the step in progress
         while run.step < run.max_steps and not run.stopped_early and not watchdog.stop_requested():
             if not optimizer_step(run):
                 return EXIT_NONFINITE
