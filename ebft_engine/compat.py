@@ -195,7 +195,8 @@ def explain(key: str, schema_keys: dict[str, str] | None = None) -> str | None:
         lines.append(f"  accepted without error: {', '.join(_show(v) for v in row.accept)}")
     if row.mode:
         lines.append(f"  refused in {row.mode} mode only (the other mode ignores it)")
-    lines.append(f"  example: {row.sample_key().split('.')[-1]}: {_show(row.sample)}")
+    override = row.sample_key().replace("[]", ".0")
+    lines.append(f"  example (as an override): {override}={_show(row.sample)}")
     group = f"group: {row.group}" + (f" (owned by {row.owner})" if row.owner else "")
     source = f"not in axolotl {table.version}'s schema" if row.legacy else f"axolotl {table.version}"
     lines.append(f"  {group}; {source}")
