@@ -226,3 +226,16 @@ def test_auto_resume_false_refuses_a_run_dir_that_holds_a_run(tmp_path, capsys):
     assert run_tiny(tiny_cfg(run, max_steps=2)) == 0
     assert run_tiny(tiny_cfg(run, max_steps=4, auto_resume_from_checkpoints=False)) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_pass_at_1_during_training_needs_a_sandbox_before_the_run_starts(tmp_path, monkeypatch):
+    """`eval_pass_at_1` runs model-written code: with no OS jail the run stops while setting up, with
+    the sandbox's own message (a user error: one message, no traceback)."""
+    from ebft_engine.sandbox import SandboxUnavailable
+    from ebft_engine.train_eval import build_held_out_eval
+
+    monkeypatch.setenv("EBFT_SANDBOX_BACKENDS", "none")
+    cfg = tiny_cfg(tmp_path / "run", eval_steps=2, eval_pass_at_1=True, eval_max_rows=2,
+                   test_datasets=[{"path": "builtin:humaneval", "split": "test"}])
+    with pytest.raises(SandboxUnavailable):
+        build_held_out_eval(cfg, StubTokenizer(), torch.device("cpu"), tiny_rows(n=2))
