@@ -9,8 +9,10 @@ the YAML keys: `cfg.ebft.stride`, `cfg.trl.num_generations`, `cfg.micro_batch_si
 
 `load_config` checks everything before any model or dataset is loaded, without torch or the network,
 and reports every problem at once (decisions.md §3) as a `ConfigError` whose `.problems` each name
-their key and say what to do. Unknown keys suggest the closest known one; keys that mean nothing to
-ebft (`ddp`, `vllm.serve_module`, ...) only warn; an empty value means "unset". Warnings (ignored
+their key and say what to do. A key this schema does not model is settled by its row of the axolotl
+table (`compat.py`, `axolotl_keys.yaml`): mapped keys move to the key they mean (`bfloat16: true` ->
+`bf16: true`), inert ones (`ddp`, `vllm.serve_module`, ...) only warn, refused ones are problems;
+a key in neither suggests the closest known one. An empty value means "unset". Warnings (ignored
 keys, automatic fallbacks, keys without effect in the chosen mode) land on `cfg.warnings`.
 
 Resolution done here, so every consumer sees one meaning:
@@ -19,7 +21,10 @@ Resolution done here, so every consumer sees one meaning:
   `diversity_coef` to 0 (with a warning);
 - `trl.use_vllm: false` selects `vllm.backend: hf`;
 - `adapter: lora` with no target keys sets `lora_target_linear: true`;
-- an unset `output_dir` becomes `./outputs/ebft-<model>-<mode>`.
+- an unset `output_dir` becomes `./outputs/ebft-<model>-<mode>`;
+- axolotl's `batch_size`, `saves_per_epoch`, `evals_per_epoch` become gradient_accumulation_steps,
+  save_steps and eval_steps (fractions of the run), as axolotl computes them, and are cleared;
+- `save_strategy: steps` / `eval_strategy: steps` without an interval take transformers' defaults.
 `bf16: auto` stays "auto" (the modeling code resolves it per device), and
 `cfg.vllm.effective_executable()` applies the EBFT_VLLM_EXECUTABLE override at launch time.
 
@@ -41,6 +46,7 @@ from typing import Annotated, Any, Callable, Literal, Sequence, Union, get_args,
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
+from ebft_engine.compat import KeyRow, load_table
 from ebft_engine.yaml_input import YamlInputError, bool_for_number, load_yaml, read_text
 
 LOOPBACK = "127.0.0.1"
@@ -242,6 +248,22 @@ class GradientCheckpointingKwargs(_Section):
     use_reentrant: bool = _f(True, "Reentrant checkpointing; must stay true with flex_attention")
 
 
+BEST_METRICS = {"loss": "eval/ce_loss", "ce_loss": "eval/ce_loss", "cfm_loss": "eval/cfm_loss",
+                "alignment": "eval/alignment", "pass@1": "eval/pass@1"}
+"""metric_for_best_model names (with or without transformers' `eval_` prefix) -> eval record keys."""
+HIGHER_IS_BETTER = {"eval/alignment", "eval/pass@1"}
+DEFAULT_SAVE_STEPS = 500
+"""save_steps when `save_strategy: steps` leaves it unset (the transformers default)."""
+
+
+def best_metric_key(name: str) -> str | None:
+    """`eval_loss` -> `eval/ce_loss`; None for a name no eval record carries."""
+    bare = name.strip()
+    for prefix in ("eval/", "eval_"):
+        bare = bare.removeprefix(prefix)
+    return BEST_METRICS.get(bare)
+
+
 Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw", "sgd"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
@@ -262,13 +284,17 @@ class EbftConfig(_Section):
     test_datasets: list[DatasetConfig] | None = _f(None, "Held-out datasets for evaluation", section="data")
     val_set_size: float = _f(0.0, "Held-out part of the training data: a fraction < 1 or a row count",
                              section="data", ge=0)
+    dataset_prepared_path: str | None = _f(
+        None, "Folder caching the transformed, tokenized rows, reused while nothing that produced them "
+        "changes (unset: no cache)", section="data")
     chat_template: str | None = _f(None, "Chat template: chatml, jinja (the text of chat_template_jinja), "
                                    "Jinja text itself, or unset / tokenizer_default (the tokenizer's)",
                                    section="data")
     chat_template_jinja: str | None = _f(None, "Jinja chat template text, used with `chat_template: jinja`",
                                          section="data")
-    special_tokens: dict[str, str] = _f(None, "Special tokens to set, e.g. {pad_token: '<|endoftext|>'}",
-                                        section="data", factory=dict)
+    special_tokens: dict[str, str | list[str]] = _f(
+        None, "Special tokens to set, e.g. {pad_token: '<|endoftext|>'} (additional_special_tokens: a list)",
+        section="data", factory=dict)
 
     adapter: Literal["lora"] | None = _f(None, "lora, or unset for full fine-tuning", section="lora")
     lora_r: int = _f(16, "LoRA rank", section="lora", ge=1)
@@ -286,6 +312,8 @@ class EbftConfig(_Section):
     num_epochs: float = _f(1.0, "Passes over the training data (when max_steps is unset)",
                            section="training", gt=0)
     max_steps: int | None = _f(None, "Optimizer steps to run (unset: from num_epochs)", section="training", ge=1)
+    batch_size: int | None = _f(None, "Sequences per optimizer step; sets gradient_accumulation_steps to "
+                                "batch_size / micro_batch_size (as axolotl does)", section="training", ge=1)
     learning_rate: float = _f(1.0e-5, "Peak learning rate", section="training", gt=0)
     optimizer: Optimizer = _f("adamw_torch", "Optimizer", section="training")
     lr_scheduler: Scheduler = _f("cosine", "Learning-rate schedule after warmup", section="training")
@@ -305,7 +333,8 @@ class EbftConfig(_Section):
     bf16: bool | Literal["auto"] = _f("auto", "bf16 weights/compute: true, false or auto (bf16 where "
                                       "the device supports it, else fp32)", section="performance")
     fp16: bool = _f(False, "fp16 compute", section="performance")
-    tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs", section="performance")
+    tf32: bool | Literal["auto"] = _f(False, "Allow TF32 matmuls on Ampere+ GPUs (auto: where supported)",
+                                      section="performance")
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = _f(
         None, "dtype to load the model in (unset: from bf16/fp16)", section="performance")
     flash_attention: bool = _f(False, "Use flash-attn (falls back to SDPA with a warning when missing)",
@@ -327,9 +356,42 @@ class EbftConfig(_Section):
     output_dir: str = _f("", "Where checkpoints, the adapter and logs go (unset: "
                          "./outputs/ebft-<model>-<mode>)", section="output")
     logging_steps: int = _f(1, "Steps between metric log lines", section="output", ge=1)
-    save_steps: int | None = _f(None, "Steps between checkpoints (unset: at the end only)",
-                                section="output", ge=1)
+    save_steps: int | float | None = _f(
+        None, "Steps between checkpoints, or a fraction < 1 of all steps (unset: at the end only)",
+        section="output", gt=0)
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = _f(
+        None, "When to save checkpoints: steps (every save_steps), epoch, or no (only the final "
+        "adapter); unset: steps when save_steps is set, else at the end", section="output")
+    saves_per_epoch: int | None = _f(None, "Checkpoints per epoch (sets save_steps to a fraction of "
+                                     "the run, as axolotl does)", section="output", ge=1)
+    save_first_step: bool = _f(False, "Also save a checkpoint after the first step", section="output")
     save_total_limit: int | None = _f(None, "Checkpoints to keep (unset: all)", section="output", ge=1)
+    resume_from_checkpoint: str | None = _f(
+        None, "An ebft checkpoint folder (RUN_DIR/checkpoints/step-N) to continue from", section="output")
+    auto_resume_from_checkpoints: bool | None = _f(
+        None, "Continue a run dir's latest checkpoint (unset or true); false starts over and refuses a "
+        "run dir that already holds a run", section="output")
+
+    eval_steps: int | float | None = _f(
+        None, "Steps between evals on the held-out rows during training, or a fraction < 1 of all "
+        "steps; one also runs at the start", section="eval", gt=0)
+    eval_strategy: Literal["no", "steps", "epoch"] | None = _f(
+        None, "When to evaluate during training: steps (every eval_steps), epoch or no; unset: steps "
+        "when eval_steps is set", section="eval")
+    evals_per_epoch: int | None = _f(None, "Evals per epoch (sets eval_steps to a fraction of the run, "
+                                     "as axolotl does)", section="eval", ge=1)
+    eval_max_rows: int = _f(32, "Held-out rows each eval during training reads (the first N): CE and "
+                            "CFM cost one generation per sample of each", section="eval", ge=1)
+    eval_pass_at_1: bool = _f(False, "Also measure pass@1 (sandboxed) in the evals during training; "
+                              "needs test_datasets rows with tests", section="eval")
+    early_stopping_patience: int | None = _f(
+        None, "Stop after this many evals in a row without improving metric_for_best_model",
+        section="eval", ge=1)
+    metric_for_best_model: str | None = _f(
+        None, "The eval number early stopping watches: eval_loss (validation CE, the default), "
+        "cfm_loss, alignment or pass@1", section="eval")
+    greater_is_better: bool | None = _f(
+        None, "Whether a larger metric_for_best_model is better (unset: from the metric)", section="eval")
 
     wandb_project: str | None = _f(None, "wandb project (logs to wandb when set and wandb is installed)",
                                    section="logging")
@@ -337,6 +399,12 @@ class EbftConfig(_Section):
     wandb_name: str | None = _f(None, "wandb run name", section="logging")
     wandb_run_id: str | None = _f(None, "wandb run id (to resume a wandb run)", section="logging")
     wandb_mode: Literal["online", "offline", "disabled"] | None = _f(None, "wandb mode", section="logging")
+
+    @field_validator("save_strategy", "eval_strategy", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        """YAML reads an unquoted `no` as false; `save_strategy: no` means the strategy "no"."""
+        return "no" if value is False else value
 
     _warnings: list[str] = PrivateAttr(default_factory=list)
     _source: str | None = PrivateAttr(default=None)
@@ -357,6 +425,22 @@ class EbftConfig(_Section):
     def world_size(self) -> int:
         """Data-parallel trainer processes (always 1)."""
         return WORLD_SIZE
+
+    @property
+    def evaluates_during_training(self) -> bool:
+        """Held-out evals run inside training (eval_steps, or eval_strategy steps/epoch)."""
+        if self.eval_strategy == "no":
+            return False
+        return self.eval_steps is not None or self.eval_strategy in ("steps", "epoch")
+
+    @property
+    def best_metric(self) -> tuple[str, bool]:
+        """(eval record key, greater is better) that early stopping watches: metric_for_best_model
+        (default: validation CE, as transformers' eval_loss), direction from greater_is_better or
+        from the metric."""
+        key = best_metric_key(self.metric_for_best_model or "eval_loss") or "eval/ce_loss"
+        greater = self.greater_is_better
+        return key, (key in HIGHER_IS_BETTER) if greater is None else greater
 
     @property
     def server_host(self) -> str:
@@ -390,47 +474,10 @@ class EbftConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------------
-# Keys that mean nothing to ebft: accepted with a warning. Path patterns use `[]` for list items.
+# Keys the schema does not model: axolotl's, classified in ebft_engine/axolotl_keys.yaml (compat.py).
+# Path patterns use `[]` for list items.
 
-_IGNORED: dict[str, dict[str, str]] = {
-    "": {k: "" for k in (
-        "ddp", "ddp_timeout", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters",
-        "device_map", "deepspeed", "fsdp", "fsdp_config", "fsdp_version", "strict", "local_rank",
-        "world_size", "model_type", "tokenizer_type", "tokenizer_config", "base_model_config",
-        "trust_remote_code", "tokenizer_use_fast", "use_tensorboard", "dataset_prepared_path",
-        "dataset_processes", "dataset_num_proc", "push_dataset_to_hub", "hub_model_id", "hub_strategy",
-        "sample_packing", "eval_sample_packing", "pad_to_sequence_len", "train_on_inputs",
-        "group_by_length", "load_in_8bit", "load_in_4bit", "xformers_attention", "sdp_attention",
-        "s2_attention", "early_stopping_patience", "evals_per_epoch", "eval_steps", "saves_per_epoch",
-        "eval_batch_size", "resume_from_checkpoint", "auto_resume_from_checkpoints", "debug", "plugins",
-        "lora_fan_in_fan_out", "lora_modules_to_save", "lora_model_dir", "loss_watchdog_threshold",
-        "loss_watchdog_patience", "gpu_memory_limit", "dataloader_num_workers", "dataloader_pin_memory",
-        "dataloader_prefetch_factor", "dataloader_drop_last", "remove_unused_columns",
-        "shuffle_merged_datasets", "use_ray", "gc_steps", "wandb_watch", "wandb_log_model",
-        "logging_dir", "bf16_full_eval", "float16", "bfloat16", "unfrozen_parameters",
-    )},
-    "trl": {
-        "beta": "ebft uses no KL term (beta is 0)",
-        "reward_funcs": "the reward is EBFT's feature-matching reward",
-        "reward_weights": "the reward is EBFT's feature-matching reward",
-        "num_iterations": "ebft makes one update per rollout",
-        "log_completions": "", "mask_truncated_completions": "", "sync_ref_model": "",
-        "vllm_mode": "the generation server always runs as a separate process",
-        "vllm_gpu_memory_utilization": "use vllm.gpu_memory_utilization",
-        "vllm_enable_sleep_mode": "", "repetition_penalty": "",
-    },
-    "vllm": {
-        "serve_module": "ebft launches `vllm serve` itself, or our transformers server with vllm.backend: hf",
-        "host": "the server listens on trl.vllm_server_host",
-        "port": "the server listens on trl.vllm_server_port",
-        "device": "GPUs are chosen with `ebft run --gpus`",
-        "dtype": "", "data_parallel_size": "", "enable_prefix_caching": "the launcher always enables it",
-    },
-    "datasets[]": {k: "" for k in (
-        "trust_remote_code", "shards", "field_messages", "message_field_role", "message_field_content",
-        "message_property_mappings", "roles_to_train", "train_on_eos", "roles", "chat_template")},
-}
-_IGNORED["test_datasets[]"] = _IGNORED["datasets[]"]
+AXOLOTL_KEYS = load_table()
 
 _UNSET = object()
 
@@ -482,6 +529,16 @@ def _levels() -> dict[str, type[BaseModel]]:
 
 
 _LEVELS = _levels()
+
+
+def schema_descriptions() -> dict[str, str]:
+    """Every key of the schema (`trl.temperature`, `datasets[].split`) -> its description."""
+    out: dict[str, str] = {}
+    for pattern, model in _LEVELS.items():
+        for name, info in model.model_fields.items():
+            if _submodel(info.annotation)[0] is None:
+                out[_join(pattern, name)] = info.description or ""
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -615,57 +672,103 @@ def _drop_unset(value: Any) -> Any:
 def _unknown_key_message(key: str, path: str) -> str:
     full = _join(path, key)
     pattern = _pattern(path)
-    model = _LEVELS[pattern]
-    siblings = list(model.model_fields)
-    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    model = _LEVELS.get(pattern)
+    siblings = list(model.model_fields) if model is not None else []
+    known_here = siblings + AXOLOTL_KEYS.children(pattern)
+    close = difflib.get_close_matches(key, known_here, n=1, cutoff=0.6)
     where = f"under `{path}:`" if path else "at the top level"
-    if close:
+    elsewhere = [_join(p, key) for p, m in _LEVELS.items() if p != pattern and key in m.model_fields]
+    if elsewhere:
+        hint = f"It belongs elsewhere: `{elsewhere[0]}` (move it there)."
+    elif close:
         hint = f"Did you mean `{_join(path, close[0])}`?"
     else:
-        elsewhere = [_join(p, key) for p, m in _LEVELS.items() if p != pattern and key in m.model_fields]
-        if elsewhere:
-            hint = f"It belongs elsewhere: `{elsewhere[0]}` (move it there)."
-        else:
-            every = {_join(p, k): k for p, m in _LEVELS.items() for k in m.model_fields}
-            near = difflib.get_close_matches(key, list(every.values()), n=1, cutoff=0.7)
-            full_near = [p for p, k in every.items() if near and k == near[0]]
-            hint = (f"Did you mean `{full_near[0]}`?" if full_near
-                    else "Remove it, or check the spelling against `python -m ebft_engine schema`.")
+        every = {_join(p, k): k for p, m in _LEVELS.items() for k in m.model_fields}
+        near = difflib.get_close_matches(key, list(every.values()), n=1, cutoff=0.7)
+        full_near = [p for p, k in every.items() if near and k == near[0]]
+        hint = (f"Did you mean `{full_near[0]}`?" if full_near
+                else "Remove it, or check the spelling against `python -m ebft_engine schema`.")
     listing = ""
-    if path:
+    if path and siblings:
         listing = f" Keys known {where}: {', '.join(siblings)}."
     return f"`{full}` is not a key ebft knows {where}. {hint}{listing}"
 
 
-def _check_keys(raw: dict[str, Any], path: str, problems: list[Problem], warnings: list[str]) -> dict[str, Any]:
-    """Unknown keys -> problems, ignored keys -> warnings (and dropped); recurse into sections."""
-    model = _LEVELS[_pattern(path)]
-    fields = model.model_fields
+@dataclass
+class _KeyFindings:
+    """What reading the keys found: problems, warnings, and mapped keys to move (target, value, source)."""
+
+    problems: list[Problem]
+    warnings: list[str]
+    mode: str
+    moves: list[tuple[str, Any, str]]
+
+
+def _check_keys(raw: dict[str, Any], path: str, found: _KeyFindings) -> dict[str, Any]:
+    """Schema keys kept (recursing into sections); every other key settled by its row of the axolotl
+    table (compat.py): mapped ones queued to move, inert ones warned about and dropped, refused
+    ones and unknown ones reported."""
+    model = _LEVELS.get(_pattern(path))
+    fields = model.model_fields if model is not None else {}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = str(key)
         full = _join(path, name)
-        if name in fields:
-            sub, is_list = _submodel(fields[name].annotation)
-            if sub is not None and not is_list and isinstance(value, dict):
-                value = _check_keys(value, full, problems, warnings)
-            elif sub is not None and is_list and isinstance(value, list):
-                value = [_check_keys(v, f"{full}[{i}]", problems, warnings) if isinstance(v, dict) else v
-                         for i, v in enumerate(value)]
-            out[name] = value
-        elif name == "train_on_split":
-            example = f"`split: {value}`" if isinstance(value, str) and value else "`split: train[:500]`"
-            problems.append(Problem(full, (
-                f"`{full}` is not a key ebft knows. Published EBFT configs use it, but there it is "
-                "silently ignored and the whole dataset loads. Choose the split (and an optional slice) "
-                f"with `split` instead, e.g. {example}.")))
-        elif name in _IGNORED.get(_pattern(path), {}) or (not path and name.startswith("wandb_")):
-            reason = _IGNORED.get(_pattern(path), {}).get(name, "")
-            warnings.append(f"`{full}` has no meaning for ebft and is ignored"
-                            + (f" ({reason})." if reason else "."))
-        else:
-            problems.append(Problem(full, _unknown_key_message(name, path)))
+        if name not in fields:
+            row = AXOLOTL_KEYS.lookup(_pattern(full))
+            if row is None or row.cls == "honoured":
+                found.problems.append(Problem(full, _unknown_key_message(name, path)))
+            else:
+                _settle_table_key(row, full, value, found)
+            continue
+        sub, is_list = _submodel(fields[name].annotation)
+        if sub is not None and not is_list and isinstance(value, dict):
+            value = _check_keys(value, full, found)
+        elif sub is not None and is_list and isinstance(value, list):
+            value = [_check_keys(v, f"{full}[{i}]", found) if isinstance(v, dict) else v
+                     for i, v in enumerate(value)]
+        out[name] = value
     return out
+
+
+def _settle_table_key(row: KeyRow, full: str, value: Any, found: _KeyFindings) -> None:
+    """A key the schema does not model, by its class: mapped -> queued to move to `row.to`;
+    inert -> one warning (its listed sub-keys are checked); refused -> a problem unless the value
+    asks for what ebft does anyway (or the row refuses only in the other mode)."""
+    if row.cls == "mapped" and row.to:
+        applies, target_value = row.mapped_value(value)
+        if applies:
+            found.moves.append((row.to, target_value, full))
+    elif row.cls == "refused" and not row.accepts(value) and row.mode in (None, found.mode):
+        shown = _show(value)
+        found.problems.append(Problem(full, f"`{full}: {shown}` would change the run, and ebft does not "
+                                            f"do that: {row.render(value)}"))
+    elif row.cls == "refused" and not row.accepts(value):
+        found.warnings.append(f"`{full}` has no meaning in {found.mode} mode and is ignored.")
+    elif row.cls == "inert" and isinstance(value, dict) and AXOLOTL_KEYS.has_children(_pattern(full)):
+        _check_keys(value, full, found)
+    elif row.cls == "inert":
+        found.warnings.append(f"`{full}` has no meaning for ebft and is ignored"
+                              + (f" ({row.render(value)})." if row.note else "."))
+
+
+def _move_mapped_keys(data: dict[str, Any], found: _KeyFindings) -> None:
+    """Put each mapped key's value under the key it means (`bfloat16: true` -> `bf16: true`);
+    a target the config also sets to something else is a problem naming both."""
+    for target, value, source in found.moves:
+        node = data
+        parts = target.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        current = node.get(parts[-1], _UNSET)
+        if current is _UNSET:
+            node[parts[-1]] = value
+        elif current != value:
+            found.problems.append(Problem(source, (
+                f"`{source}` means `{target}: {_show(value)}`, but the config also sets `{target}: "
+                f"{_show(current)}`. Keep one of them.")))
 
 
 def _loc_path(loc: tuple) -> list[str | int]:
@@ -879,6 +982,14 @@ def _overlaps(key: str, others: Sequence[str]) -> bool:
     return any(k == o or k.startswith(o + ".") or o.startswith(k + ".") for o in map(_dotted, others))
 
 
+def _declared_mode(raw: dict[str, Any]) -> str:
+    """`ebft.mode` as written (structured when unset or unreadable): refused rows of one mode only
+    need it before the schema has read the config."""
+    section = raw.get("ebft")
+    mode = section.get("mode") if isinstance(section, dict) else None
+    return mode if mode in ("strided", "structured") else "structured"
+
+
 def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> EbftConfig:
     """Read, merge overrides, check and resolve a config; raise ConfigError with every problem."""
     raw, name = _read_source(source)
@@ -894,7 +1005,10 @@ def load_config(source: str | Path | dict, overrides: Sequence[str] = ()) -> Ebf
             if sep:
                 override_keys[key.strip()] = str(item)
 
-    data = _check_keys(_drop_unset(raw), "", problems, warnings)
+    raw = _drop_unset(raw)
+    found = _KeyFindings(problems, warnings, _declared_mode(raw), [])
+    data = _check_keys(raw, "", found)
+    _move_mapped_keys(data, found)
     cfg, type_problems, bad = _build(data)
     problems.extend(type_problems)
     if cfg is not None:
@@ -949,6 +1063,8 @@ def _group_problem(cfg: EbftConfig) -> Problem | None:
         f"values (change one): {'; '.join(options)}."))
 
 
+_INERT_SCHEMA_KEYS = [k for k, row in AXOLOTL_KEYS.rows.items() if row.cls == "inert" and k in EbftConfig.model_fields]
+"""Top-level schema keys the axolotl table calls inert: kept for their cross-key rules, warned about."""
 _STRIDED_ONLY_EBFT = [k for k, f in EbftSection.model_fields.items()
                       if (f.json_schema_extra or {}).get("mode") == "strided"]
 _STRUCTURED_ONLY_EBFT = [k for k, f in EbftSection.model_fields.items()
@@ -1095,6 +1211,166 @@ def _lora_targets_every_linear_by_default(cfg: EbftConfig, found: _Findings) -> 
                    "every linear layer (lora_target_linear: true).")
 
 
+# -- checkpoints, evals, batch and precision: axolotl's own cross-key rules -------------------------
+
+
+def _step_counts_are_whole(cfg: EbftConfig, found: _Findings) -> None:
+    for key, value in (("save_steps", cfg.save_steps), ("eval_steps", cfg.eval_steps)):
+        if isinstance(value, float) and value >= 1 and not value.is_integer():
+            found.bad(key, f"`{key}: {value}` is neither a whole number of steps nor a fraction < 1 of the "
+                           f"run. Write e.g. `{key}: {math.floor(value)}` or `{key}: 0.25`.")
+
+
+def _save_strategy_agrees_with_save_steps(cfg: EbftConfig, found: _Findings) -> None:
+    strategy, every = cfg.save_strategy, cfg.save_steps
+    if strategy == "best":
+        found.bad("save_strategy", "`save_strategy: best` keeps the checkpoint with the best eval, and ebft "
+                                   "does not choose checkpoints. Use `save_strategy: steps` with `save_steps` "
+                                   "and `eval_steps` (the evals name the best step), or remove it.")
+    elif strategy in ("no", "epoch") and (every is not None or cfg.saves_per_epoch is not None):
+        other = "save_steps" if every is not None else "saves_per_epoch"
+        value = every if every is not None else cfg.saves_per_epoch
+        found.bad("save_strategy", f"`save_strategy: {strategy}` and `{other}: {_show(value)}` contradict each "
+                                   f"other. Set `save_strategy: steps`, or remove `{other}`.")
+    elif strategy == "steps" and every is None and cfg.saves_per_epoch is None:
+        cfg.save_steps = DEFAULT_SAVE_STEPS
+        found.warn(f"`save_strategy: steps` without `save_steps`: saving every {DEFAULT_SAVE_STEPS} steps "
+                   "(the transformers default). Set save_steps to choose.")
+
+
+def _saves_per_epoch_sets_save_steps(cfg: EbftConfig, found: _Findings) -> None:
+    """axolotl: save_steps = 1 / (saves_per_epoch x num_epochs) of the run, when that is < 1."""
+    per_epoch = cfg.saves_per_epoch
+    if per_epoch is None:
+        return
+    if cfg.save_steps is not None:
+        found.bad("saves_per_epoch", "`saves_per_epoch` and `save_steps` are both set: two ways to say how "
+                                     "often to save. Keep one of them.")
+        return
+    fraction = 1.0 / (per_epoch * cfg.num_epochs)
+    if fraction < 1:
+        cfg.save_steps = fraction
+    else:
+        found.warn(f"`saves_per_epoch: {per_epoch}` with `num_epochs: {_show(cfg.num_epochs)}` saves less "
+                   "than once in the run: saving at the end only.")
+    cfg.saves_per_epoch = None
+
+
+def _eval_strategy_agrees_with_eval_steps(cfg: EbftConfig, found: _Findings) -> None:
+    strategy, every = cfg.eval_strategy, cfg.eval_steps
+    if strategy in ("no", "epoch") and (every is not None or cfg.evals_per_epoch is not None):
+        other = "eval_steps" if every is not None else "evals_per_epoch"
+        value = every if every is not None else cfg.evals_per_epoch
+        found.bad("eval_strategy", f"`eval_strategy: {strategy}` and `{other}: {_show(value)}` contradict each "
+                                   f"other. Set `eval_strategy: steps`, or remove `{other}`.")
+    elif strategy == "steps" and every is None and cfg.evals_per_epoch is None:
+        cfg.eval_steps = cfg.logging_steps
+        found.warn(f"`eval_strategy: steps` without `eval_steps`: evaluating every {cfg.logging_steps} "
+                   "steps (logging_steps, as transformers does). Set eval_steps to choose.")
+
+
+def _evals_per_epoch_sets_eval_steps(cfg: EbftConfig, found: _Findings) -> None:
+    """axolotl: eval_steps = 1 / (evals_per_epoch x num_epochs) of the run, when that is < 1."""
+    per_epoch = cfg.evals_per_epoch
+    if per_epoch is None:
+        return
+    if cfg.eval_steps is not None:
+        found.bad("evals_per_epoch", "`evals_per_epoch` and `eval_steps` are both set: two ways to say how "
+                                     "often to evaluate. Keep one of them.")
+        return
+    fraction = 1.0 / (per_epoch * cfg.num_epochs)
+    if fraction < 1:
+        cfg.eval_steps = fraction
+    else:
+        found.warn(f"`evals_per_epoch: {per_epoch}` with `num_epochs: {_show(cfg.num_epochs)}` evaluates less "
+                   "than once in the run: no evals during training.")
+    cfg.evals_per_epoch = None
+
+
+def _evals_need_held_out_rows(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.evaluates_during_training and not cfg.test_datasets and not cfg.val_set_size:
+        key = "eval_steps" if cfg.eval_steps is not None else "eval_strategy"
+        found.bad(key, f"`{key}` evaluates on held-out rows, but there are none: `val_set_size` is 0 and no "
+                       "`test_datasets` are set. Set val_set_size (e.g. 0.05, a part of the training rows) "
+                       "or test_datasets, or remove the evals.")
+
+
+def _early_stopping_counts_evals(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.early_stopping_patience and not cfg.evaluates_during_training:
+        found.bad("early_stopping_patience", "`early_stopping_patience` counts evals without improvement, but "
+                                             "no evals run during training. Set `eval_steps` (and held-out "
+                                             "rows: val_set_size or test_datasets), or remove it.")
+
+
+def _best_metric_is_an_eval_number(cfg: EbftConfig, found: _Findings) -> None:
+    name = cfg.metric_for_best_model
+    if name is None:
+        return
+    if best_metric_key(name) is None:
+        found.bad("metric_for_best_model", f"`metric_for_best_model: {name}` is not a number ebft's evals "
+                                           "measure. Use `eval_loss` (validation CE), `cfm_loss`, "
+                                           "`alignment` or `pass@1`.")
+    elif not cfg.early_stopping_patience:
+        found.warn("`metric_for_best_model` is read by early stopping only, and `early_stopping_patience` "
+                   "is not set.")
+
+
+def _pass_at_1_needs_tests(cfg: EbftConfig, found: _Findings) -> None:
+    if cfg.eval_pass_at_1 and not cfg.test_datasets:
+        found.bad("eval_pass_at_1", "`eval_pass_at_1: true` runs the held-out rows' tests, which come from "
+                                    "`test_datasets` (e.g. `- path: builtin:humaneval` with `split: test`), "
+                                    "and none are set. Add them or remove eval_pass_at_1.")
+    elif cfg.eval_pass_at_1 and not cfg.evaluates_during_training:
+        found.warn("`eval_pass_at_1` has an effect only with evals during training (eval_steps).")
+
+
+def _batch_size_sets_accumulation(cfg: EbftConfig, found: _Findings) -> None:
+    """axolotl: gradient_accumulation_steps = batch_size / micro_batch_size (one process)."""
+    total = cfg.batch_size
+    if total is None:
+        return
+    mbs = cfg.micro_batch_size
+    if "gradient_accumulation_steps" in cfg.model_fields_set:
+        found.bad("batch_size", "`batch_size` and `gradient_accumulation_steps` are both set (batch_size sets "
+                                "gradient_accumulation_steps = batch_size / micro_batch_size). Keep one of them.")
+    elif total % mbs:
+        found.bad("batch_size", f"`batch_size: {total}` is not a multiple of `micro_batch_size: {mbs}`, so no "
+                                f"whole number of micro-batches makes it. Use e.g. batch_size: "
+                                f"{max(mbs, total // mbs * mbs)}.")
+    else:
+        cfg.gradient_accumulation_steps = total // mbs
+        cfg.batch_size = None
+
+
+def _precision_keys_agree(cfg: EbftConfig, found: _Findings) -> None:
+    dtype = cfg.torch_dtype
+    if dtype in (None, "auto"):
+        return
+    if cfg.bf16 is True and dtype != "bfloat16":
+        found.bad("torch_dtype", f"`torch_dtype: {dtype}` and `bf16: true` contradict each other. Keep one of them.")
+    elif cfg.fp16 and dtype != "float16":
+        found.bad("torch_dtype", f"`torch_dtype: {dtype}` and `fp16: true` contradict each other. Keep one of them.")
+
+
+_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules")
+
+
+def _lora_keys_need_an_adapter(cfg: EbftConfig, found: _Findings) -> None:
+    changed = _changed(cfg, _LORA_KEYS)
+    if cfg.adapter is None and changed:
+        keys = ", ".join(f"`{k}`" for k in changed)
+        found.bad("adapter", f"{keys} set without `adapter`: without it the whole model is fine-tuned and the "
+                              "LoRA settings do nothing. Add `adapter: lora`, or remove them for full "
+                              "fine-tuning.")
+
+
+def _inert_schema_keys_warn(cfg: EbftConfig, found: _Findings) -> None:
+    """Schema keys the table calls inert (their cross-key rules still run, as axolotl's do)."""
+    for key in _changed(cfg, _INERT_SCHEMA_KEYS):
+        note = AXOLOTL_KEYS.rows[key].note
+        found.warn(f"`{key}` has no meaning for ebft and is ignored" + (f" ({note})." if note else "."))
+
+
 # -- strided mode ----------------------------------------------------------------------------------
 
 
@@ -1230,7 +1506,12 @@ COMMON_RULES: tuple[Rule, ...] = (
     _rl_is_ebft, _base_model_is_set, _datasets_are_set, _dataset_entries_have_path_and_split,
     _flex_implementation_means_flex_attention, _one_attention_kernel, _no_compile_with_strided_flex,
     _reentrant_checkpointing_with_strided_flex, _no_offloading_with_flex, _one_half_precision,
-    _one_warmup, _one_eval_source, _lora_target_regex_compiles, _lora_targets_every_linear_by_default,
+    _precision_keys_agree, _one_warmup, _one_eval_source, _lora_keys_need_an_adapter,
+    _lora_target_regex_compiles, _lora_targets_every_linear_by_default, _batch_size_sets_accumulation,
+    _step_counts_are_whole, _save_strategy_agrees_with_save_steps, _saves_per_epoch_sets_save_steps,
+    _eval_strategy_agrees_with_eval_steps, _evals_per_epoch_sets_eval_steps, _evals_need_held_out_rows,
+    _early_stopping_counts_evals, _best_metric_is_an_eval_number, _pass_at_1_needs_tests,
+    _inert_schema_keys_warn,
 )
 STRIDED_RULES: tuple[Rule, ...] = (
     _one_sample_means_reinforce, _sequence_holds_a_block, _dense_mask_costs_memory,

@@ -283,6 +283,15 @@ def load_dataset_rows(spec: DatasetConfig, *, tokenizer: Any, cfg: EbftConfig) -
 
 
 def _concat(cfg: EbftConfig, entries: list[DatasetConfig], tokenizer: Any) -> "datasets.Dataset":
+    """Every entry transformed and concatenated; from `dataset_prepared_path` when it holds them."""
+    if cfg.dataset_prepared_path:
+        from ebft_engine.prepared import cached
+
+        return cached(cfg, entries, tokenizer, lambda: _transform_all(cfg, entries, tokenizer))
+    return _transform_all(cfg, entries, tokenizer)
+
+
+def _transform_all(cfg: EbftConfig, entries: list[DatasetConfig], tokenizer: Any) -> "datasets.Dataset":
     import datasets
 
     parts = [load_dataset_rows(spec, tokenizer=tokenizer, cfg=cfg) for spec in entries]

@@ -14,6 +14,10 @@ Held-out rows come from `test_datasets` (raw rows, before any training transform
 `prompt/ground_truth` or chat `messages`). Results are appended as an `eval` record to
 `output_dir/metrics.jsonl` (so `ebft watch` and the TUI show them) and per task to
 `output_dir/eval.jsonl`.
+
+CE and CFM work on `EvalPair`s (prompt tokens, target tokens), so the evals during training
+(`train_eval.py`) measure the same numbers on transformed rows too: prompt/ground-truth rows, and
+the token rows of strided mode (`input_ids` cut at `prompt_length`, or halfway for raw documents).
 """
 
 from __future__ import annotations
@@ -66,6 +70,38 @@ def to_eval_row(raw: dict[str, Any], index: int, source: str) -> EvalRow:
                    test=raw.get("test"), entry_point=raw.get("entry_point"), task_id=raw.get("task_id"))
 
 
+@dataclass
+class EvalPair:
+    """One held-out example as tokens: the prompt, the target the model should continue it with,
+    and the end-of-sequence id CE also scores after the target (None: the target does not end there,
+    e.g. a cut document)."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+    eos_id: int | None = None
+
+
+def pair_of_row(row: EvalRow, tokenizer, chat_kwargs: dict) -> EvalPair:
+    """The prompt rendered exactly as in training, the ground truth encoded, EOS after it."""
+    from ebft_engine.data import encode_text, render_prompt_ids
+
+    return EvalPair(render_prompt_ids(tokenizer, row.prompt, chat_kwargs), encode_text(tokenizer, row.ground_truth),
+                    tokenizer.eos_token_id)
+
+
+def pair_of_record(record: dict[str, Any], index: int, tokenizer, chat_kwargs: dict, source: str = "held-out") -> EvalPair:
+    """A held-out row of any shape a transform (or none) makes: token rows (`input_ids`, cut at
+    `prompt_length`, or halfway when there is no prompt) or prompt / ground-truth rows."""
+    if "input_ids" in record:
+        ids = [int(i) for i in record["input_ids"]]
+        cut = int(record.get("prompt_length") or 0) or len(ids) // 2
+        cut = min(max(cut, 1), len(ids) - 1)
+        if len(ids) < 2:
+            raise ValueError(f"{source} row {index}: fewer than 2 tokens, nothing to evaluate")
+        return EvalPair(ids[:cut], ids[cut:], None)
+    return pair_of_row(to_eval_row(record, index, source), tokenizer, chat_kwargs)
+
+
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", re.DOTALL)
 
 
@@ -85,12 +121,16 @@ def extract_program(code_prompt: str, completion: str, entry_point: str) -> str:
 @torch.no_grad()
 def validation_ce(model, tokenizer, rows: list[EvalRow], chat_kwargs: dict, device) -> float:
     """Per-token CE of the ground truth (and EOS) given the rendered prompt."""
-    from ebft_engine.data import encode_text, render_prompt_ids
+    return pairs_ce(model, [pair_of_row(row, tokenizer, chat_kwargs) for row in rows], device)
 
+
+@torch.no_grad()
+def pairs_ce(model, pairs: list[EvalPair], device) -> float:
+    """Per-token CE of each pair's target (and EOS, when it has one) given its prompt."""
     total, count = 0.0, 0
-    for row in rows:
-        p = render_prompt_ids(tokenizer, row.prompt, chat_kwargs)
-        g = encode_text(tokenizer, row.ground_truth) + [tokenizer.eos_token_id]
+    for pair in pairs:
+        p = pair.prompt_ids
+        g = pair.target_ids + ([pair.eos_id] if pair.eos_id is not None else [])
         ids = torch.tensor([p + g], device=device)
         logits = model(input_ids=ids).logits[0, len(p) - 1 : -1].float()
         targets = ids[0, len(p):]
@@ -127,16 +167,27 @@ def generate(model, tokenizer, prompt_ids: list[int], *, n: int, max_new_tokens:
 def feature_matching(model, tokenizer, rows: list[EvalRow], cfg: EbftConfig, device, *, n: int, temperature: float,
                      max_new_tokens: int, seed: int) -> tuple[float, float]:
     """Mean CFM loss and mean alignment over held-out prompts (features from the frozen base)."""
-    from ebft_engine.data import encode_text, render_prompt_ids
+    pairs = [pair_of_row(row, tokenizer, _chat_kwargs(cfg)) for row in rows]
+    return pairs_feature_matching(model, tokenizer, pairs, cfg, device, n=n, temperature=temperature,
+                                  max_new_tokens=max_new_tokens, seed=seed)
+
+
+@torch.no_grad()
+def pairs_feature_matching(model, tokenizer, pairs: list[EvalPair], cfg: EbftConfig, device, *, n: int,
+                           temperature: float, max_new_tokens: int, seed: int, target_cap: int | None = None,
+                           feature_model=None) -> tuple[float, float]:
+    """Mean CFM loss and alignment: n samples of each prompt (up to `max_new_tokens`, or the
+    target's length x gt_length_multiplier when shorter) against its target, or the target's first
+    `target_cap` tokens. Features come from `feature_model` when given (a full fine-tune's frozen
+    copy), else from `model` with its adapter off."""
     from ebft_engine.features import feature_layer_indices, frozen_feature_model, num_decoder_layers, pool, token_features
     from ebft_engine.rewards import compute_rewards
 
-    chat_kwargs = _chat_kwargs(cfg)
     layers = feature_layer_indices(list(cfg.ebft.feature_layers), num_decoder_layers(model))
     cfms, aligns = [], []
-    for k, row in enumerate(rows):
-        p = render_prompt_ids(tokenizer, row.prompt, chat_kwargs)
-        g = encode_text(tokenizer, row.ground_truth)
+    for k, pair in enumerate(pairs):
+        p = pair.prompt_ids
+        g = pair.target_ids if target_cap is None else pair.target_ids[:target_cap]
         budget = max(1, min(max_new_tokens, math.ceil(len(g) * cfg.ebft.gt_length_multiplier)))
         samples = generate(model, tokenizer, p, n=n, max_new_tokens=budget, temperature=temperature,
                            device=device, seed=seed + k)
@@ -150,7 +201,7 @@ def feature_matching(model, tokenizer, rows: list[EvalRow], cfg: EbftConfig, dev
             ids[i, : len(s)] = torch.tensor(s, device=device)
             real[i, : len(s)] = True
             comp[i, len(p): len(s)] = True
-        with frozen_feature_model(model) as fm:
+        with frozen_feature_model(feature_model if feature_model is not None else model) as fm:
             feats = token_features(fm, ids, attention_mask=real.long(), layer_indices=layers)
         pooled = pool(feats, real, cfg.ebft.embed_method, comp)
         out = compute_rewards(pooled[:-1].unsqueeze(0), pooled[-1:], alignment_coef=1.0, diversity_coef=0.0,

@@ -90,6 +90,19 @@ class MetricsLog:
     def status(self, phase: str, step: int, message: str = "") -> None:
         self.write("status", phase=phase, step=step, message=message)
 
+    def phase(self, step: int, phase: str, min_interval_s: float = 1.0) -> None:
+        """Where the step in progress (`step`) is: generating / scoring / training. The first
+        phase of a step is always written; later changes at most once per `min_interval_s`
+        (micro-batches repeat the phases, and fast steps need no more than one line)."""
+        now = time.monotonic()
+        last = getattr(self, "_last_phase", None)
+        if last is not None:
+            last_step, last_phase, last_t = last
+            if last_step == step and (last_phase == phase or now - last_t < min_interval_s):
+                return
+        self._last_phase = (step, phase, now)
+        self.write("phase", step=step, phase=phase)
+
     def warning(self, step: int, metric: str, message: str, hint: str) -> dict[str, Any] | None:
         return self.write("warning", step=step, metric=metric, message=message, hint=hint)
 

@@ -265,6 +265,19 @@ def config_dtype(cfg: EbftConfig, device: "torch.device") -> "torch.dtype":
     return resolve_dtype(cfg.bf16, cfg.fp16, device)
 
 
+def apply_tf32(setting: bool | str, device: "torch.device") -> bool:
+    """`tf32`: TF32 matmuls and convolutions on Ampere+ GPUs (true, or auto where the GPU has them);
+    returns whether they are on. Off elsewhere: CPUs have no TF32."""
+    import torch
+
+    wanted = setting is True or (setting == "auto" and device.type == "cuda"
+                                 and torch.cuda.get_device_capability(device)[0] >= 8)
+    on = bool(wanted and device.type == "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
 def resolve_attn_implementation(cfg: EbftConfig, device: "torch.device") -> str:
     """sdpa unless the config asks for flash-attn or flex attention and the device can run it.
 
@@ -389,6 +402,7 @@ def build_model_and_tokenizer(cfg: EbftConfig) -> tuple[Any, "PreTrainedTokenize
     """Model (LoRA-wrapped when `adapter: lora`), tokenizer, device and dtype for a config."""
     device = resolve_device(cfg.device)
     dtype = config_dtype(cfg, device)
+    apply_tf32(cfg.tf32, device)
     tokenizer = load_tokenizer(cfg.base_model, cfg=cfg, dtype=dtype)
     model = load_model(
         cfg.base_model, dtype=dtype, device=device, attn_implementation=resolve_attn_implementation(cfg, device)

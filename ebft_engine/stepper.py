@@ -10,7 +10,7 @@ a hierarchy of trainer classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 
 @dataclass
@@ -45,6 +45,9 @@ class Stepper(Protocol):
     # Optional: `check_rows(data) -> str | None`, run once on the training data before the first
     # step: raises NothingToTrainError when no row can train anything (strided: rows too short for
     # one block), returns a warning when some rows cannot.
+    #
+    # Optional: `on_phase: Callable[[str], None]`, set by train.py; a mode calls `report_phase`
+    # at its phase boundaries so the log says what a long step is doing (a `phase` record).
 
     def run_step(self, rows: Sequence[dict[str, Any]], step: int) -> StepResult:
         """Roll out, score and backpropagate one optimizer step's rows (loss already divided for
@@ -58,3 +61,10 @@ class Stepper(Protocol):
     def close(self) -> None:
         """Release servers, threads and files."""
         ...
+
+
+def report_phase(stepper: Any, phase: str) -> None:
+    """Tell the loop which part of the step runs now: generating, scoring or training."""
+    callback: Callable[[str], None] | None = getattr(stepper, "on_phase", None)
+    if callback is not None:
+        callback(phase)

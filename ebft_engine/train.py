@@ -5,11 +5,14 @@
     seed, run dir     prepare_run_dir   fresh start or resume? (a different config is refused)
     set-up            set_up            model, tokenizer (LoRA), the mode's Stepper, data order,
                                         AdamW + schedule
-    resume            resume_run        the latest checkpoint, the metrics already logged
+    resume            resume_run        the latest checkpoint (or resume_from_checkpoint), the
+                                        metrics and evals already logged
+                      evaluate_at_start a fresh run with evals: the baseline eval (step 0)
     each step         optimizer_step    rows -> the Stepper (rollouts, rewards, backward) -> clip
                                         -> update -> schedule
                       log_progress      metrics.jsonl, wandb, the console line, health warnings
-                      checkpoint_if_due every save_steps and at the end
+                      evaluate_if_due   every eval_steps (or epoch): held-out CE/CFM, early stopping
+                      checkpoint_if_due every save_steps (or epoch, by save_strategy) and at the end
     the end           finish            the final adapter, or a checkpoint when a signal stopped it
     shutdown          shut_down         the Stepper (server, threads), wandb, the log
 
@@ -47,17 +50,21 @@ import torch
 import yaml
 
 from ebft_engine import watchdog
-from ebft_engine.checkpoint import (CHECKPOINTS, atomic_dir, capture_rng, checkpoint_config, clean_leftovers,
-                                    find_resumable, latest_checkpoint, load_checkpoint, restore_rng,
-                                    save_checkpoint)
+from ebft_engine.checkpoint import (CHECKPOINTS, MANIFEST, STATE_FILE, atomic_dir, capture_rng, checkpoint_config,
+                                    clean_leftovers, find_resumable, latest_checkpoint, load_checkpoint,
+                                    manifest_problem, restore_rng, save_checkpoint)
 from ebft_engine.config import EbftConfig
 from ebft_engine.metrics import HealthMonitor, MetricsLog, console_line, last_logged_step, read_records
 from ebft_engine.stepper import NothingToTrainError, Stepper
+from ebft_engine.train_eval import (EarlyStopping, EvalSchedule, HeldOutEval, build_held_out_eval, eval_schedule,
+                                    steps_of)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NONFINITE = 0, 1, 2, 3
 
-RESUME_MAY_CHANGE = ("max_steps", "num_epochs", "save_steps", "save_total_limit", "logging_steps",
-                     "output_dir", "wandb_")
+RESUME_MAY_CHANGE = ("max_steps", "num_epochs", "save_", "saves_per_epoch", "logging_steps", "output_dir",
+                     "wandb_", "eval_", "evals_per_epoch", "early_stopping_patience", "metric_for_best_model",
+                     "greater_is_better", "resume_from_checkpoint", "auto_resume_from_checkpoints",
+                     "dataset_prepared_path")
 """Config keys (and prefixes) a resumed run may change; any other difference refuses the resume."""
 
 
@@ -99,6 +106,15 @@ def load_data(cfg: EbftConfig, tokenizer: Any):
     return load_training_data(cfg, tokenizer, split="train")
 
 
+def load_held_out(cfg: EbftConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    """The first `eval_max_rows` held-out rows (test_datasets, else the val_set_size hold-out),
+    transformed as the training rows are."""
+    from ebft_engine.data import load_eval_data
+
+    rows = load_eval_data(cfg, tokenizer)
+    return [] if rows is None else [rows[i] for i in range(min(len(rows), cfg.eval_max_rows))]
+
+
 class DataOrder:
     """A fresh shuffled order of the rows every epoch, drawn from (seed, epoch) alone, so the
     order is the same in every run with this seed and a resume only needs (epoch, position)."""
@@ -129,6 +145,11 @@ class DataOrder:
     @property
     def epoch_float(self) -> float:
         return self.epoch + self.position / self.n_rows
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs whose every row has been taken (the next epoch starts lazily, on the next take)."""
+        return self.epoch + (1 if self.position == self.n_rows else 0)
 
     def state_dict(self, rewind: int = 0) -> dict[str, int]:
         """Where the order stands, or `rewind` rows earlier: rows a stepper has taken but not
@@ -204,13 +225,14 @@ def config_differences(old_yaml: str, new_yaml: str) -> list[str]:
     return [k for k in keys if not k.startswith(RESUME_MAY_CHANGE)]
 
 
-def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool,
-                    overwrite: bool) -> tuple[Path | None, list[str]]:
+def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool, overwrite: bool,
+                    resume_from: str | None = None) -> tuple[Path | None, list[str]]:
     """Decide fresh start or resume; returns the checkpoint to resume from (None: step 0) and
     warnings about checkpoints that did not verify (skipped, see `checkpoint.find_resumable`).
 
     A run dir that already holds a run (checkpoints or metric records) is continued by default,
     when its config matches; `resume=False` refuses it unless `overwrite`, which deletes it.
+    `resume_from` (resume_from_checkpoint) names the checkpoint explicitly; see `chosen_checkpoint`.
     Leftovers of saves that were killed (`.tmp-*`) are removed first.
     `RUN_DIR/config.yaml` keeps the config that runs here (a resume before the first checkpoint
     is checked against it); an equivalent one, e.g. the launcher's, is left as it is."""
@@ -225,8 +247,10 @@ def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool,
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         ckpt, has_run = None, False
+    if resume_from:
+        ckpt = chosen_checkpoint(Path(resume_from).expanduser(), ckpt)
     saved = run_dir / "config.yaml"
-    if has_run:
+    if has_run or ckpt is not None:
         reference = checkpoint_config(ckpt) if ckpt else _read(saved)
         differences = config_differences(reference, cfg_yaml) if reference is not None else []
         if differences:
@@ -236,6 +260,27 @@ def prepare_run_dir(run_dir: Path, cfg_yaml: str, *, resume: bool,
     if not saved.is_file() or (not has_run and config_differences(saved.read_text(encoding="utf-8"), cfg_yaml)):
         saved.write_text(cfg_yaml, encoding="utf-8")
     return ckpt, notes
+
+
+def chosen_checkpoint(explicit: Path, latest_here: Path | None) -> Path:
+    """`resume_from_checkpoint` wins, except over this run dir's own later checkpoints saved by a
+    run that itself started from it: re-running the same command after a kill continues where that
+    run stopped instead of going back (a rewind to an older checkpoint of the same dir still works)."""
+    if not (explicit / STATE_FILE).is_file():
+        raise RunDirError(f"resume_from_checkpoint: {explicit} is not an ebft checkpoint (a folder "
+                          f"RUN_DIR/checkpoints/step-N holding {STATE_FILE}); checkpoints of other trainers "
+                          "cannot be resumed")
+    problem = manifest_problem(explicit) if (explicit / MANIFEST).exists() else None
+    if problem:
+        raise RunDirError(f"resume_from_checkpoint: {explicit} is damaged ({problem}); name another "
+                          "checkpoint")
+    if latest_here is None or latest_here.resolve() == explicit.resolve():
+        return explicit
+    saved = yaml.safe_load(checkpoint_config(latest_here) or "") or {}
+    started_from = saved.get("resume_from_checkpoint") if isinstance(saved, dict) else None
+    if started_from and Path(started_from).expanduser().resolve() == explicit.resolve():
+        return latest_here
+    return explicit
 
 
 def _read(path: Path) -> str | None:
@@ -306,13 +351,24 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     max_steps: int
-    save_steps: int
+    save_every: int | None
+    """Steps between checkpoints (save_steps; None: at the end only, or by epoch)."""
     params: list[torch.Tensor]
     monitor: HealthMonitor
+    evals: EvalSchedule | None = None
+    """When held-out evals run (None: never during training)."""
+    held_out: HeldOutEval | None = None
+    early: EarlyStopping | None = None
+    logged_evals: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Evals this run dir already logged, by step: a resumed run replays them instead of measuring again."""
     step: int = 0
     """Optimizer steps done."""
     saved_step: int = 0
     """The step of the last checkpoint (or of the start)."""
+    epoch_ended: bool = False
+    """The last step took the last row of an epoch."""
+    stopped_early: str = ""
+    """Why early stopping ended the run ("" while it goes on)."""
     history: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     """Logged values, for the console's arrows."""
     window: list[dict[str, float]] = field(default_factory=list)
@@ -321,8 +377,9 @@ class Run:
 
 
 def set_up(cfg: EbftConfig, run_dir: Path, cfg_yaml: str, log: MetricsLog, build_model: Callable,
-           build_stepper: Callable, load_data: Callable) -> Run:
-    """Model and tokenizer, the mode's Stepper, the data order, optimizer and schedule."""
+           build_stepper: Callable, load_data: Callable, load_held_out: Callable = load_held_out) -> Run:
+    """Model and tokenizer, the mode's Stepper, the data order, optimizer and schedule, and the
+    held-out rows when evals run during training."""
     log.status("loading", 0, f"loading {cfg.base_model}")
     model, tokenizer, device, dtype = build_model(cfg)
     model.train()
@@ -334,14 +391,19 @@ def set_up(cfg: EbftConfig, run_dir: Path, cfg_yaml: str, log: MetricsLog, build
         max_steps = int(cfg.max_steps or math.ceil(cfg.num_epochs * len(data) / stepper.rows_per_step))
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer, max_steps)
+        evals = eval_schedule(cfg, max_steps)
+        held_out = (build_held_out_eval(cfg, tokenizer, device, load_held_out(cfg, tokenizer),
+                                        feature_model=getattr(stepper, "feature_model", None))
+                    if evals is not None else None)
     except BaseException:
         stepper.close()  # a structured stepper holds a server connection and maybe a thread
         raise
     return Run(cfg=cfg, run_dir=run_dir, cfg_yaml=cfg_yaml, log=log, model=model, tokenizer=tokenizer,
                device=device, dtype=dtype, stepper=stepper, data=data, order=order, optimizer=optimizer,
-               scheduler=scheduler, max_steps=max_steps, save_steps=cfg.save_steps or max_steps,
+               scheduler=scheduler, max_steps=max_steps, save_every=steps_of(cfg.save_steps, max_steps),
                params=[p for group in optimizer.param_groups for p in group["params"]],
-               monitor=HealthMonitor(use_whitening=cfg.ebft.use_whitening))
+               monitor=HealthMonitor(use_whitening=cfg.ebft.use_whitening), evals=evals, held_out=held_out,
+               early=EarlyStopping.from_config(cfg))
 
 
 def check_rows(stepper: Stepper, data: Any, log: MetricsLog) -> None:
@@ -360,6 +422,8 @@ def resume_run(run: Run, ckpt: Path | None) -> None:
     episodes) and, from its latest checkpoint, weights, optimizer, schedule, data position, RNG."""
     records = read_records(run.log.path)
     for record in records:
+        if record.get("event") == "eval" and record.get("in_training") and isinstance(record.get("step"), int):
+            run.logged_evals[record["step"]] = record
         if record.get("event") == "metrics":
             run.monitor.update(record["step"], record)
             for key, value in record.items():
@@ -371,7 +435,9 @@ def resume_run(run: Run, ckpt: Path | None) -> None:
         run.order.load_state_dict(state["data"])
         run.step = run.saved_step = int(state["step"])
         restore_rng(state["rng"])  # last: nothing after this may draw from the RNG
-    resumed_from = str(ckpt.relative_to(run.run_dir)) if ckpt else None
+    for step in sorted(s for s in run.logged_evals if s <= run.step):  # early stopping's count so far
+        run.early.update(step, run.logged_evals[step])
+    resumed_from = _shown_path(ckpt, run.run_dir) if ckpt else None
     run.log.run(mode=run.cfg.mode, max_steps=run.max_steps, base_model=str(run.cfg.base_model),
                 output_dir=str(run.run_dir), resumed_from=resumed_from)
     if ckpt is not None or run.log.already_logged_through:
@@ -380,6 +446,14 @@ def resume_run(run: Run, ckpt: Path | None) -> None:
         message = f"resumed from {resumed_from or 'the start'} at step {run.step}{rerun}"
         run.log.status("resumed", run.step, message)
         print(message, flush=True)
+
+
+def _shown_path(path: Path, run_dir: Path) -> str:
+    """Relative to the run dir when inside it (the log contract's form), else as given."""
+    try:
+        return str(path.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def announce(run: Run) -> None:
@@ -395,6 +469,7 @@ def optimizer_step(run: Run) -> bool:
     schedule. False, after an error record, when the loss or the gradient is not finite: the
     weights are then left as they were."""
     t0 = time.perf_counter()
+    epochs_before = run.order.epochs_done
     rows = [run.data[i] for i in run.order.take(run.stepper.rows_per_step)]
     lr = run.scheduler.get_last_lr()[0]
     result = run.stepper.run_step(rows, run.step + 1)
@@ -411,6 +486,7 @@ def optimizer_step(run: Run) -> bool:
     run.optimizer.zero_grad(set_to_none=True)
     run.stepper.after_optimizer_step(run.step + 1)
     run.step += 1
+    run.epoch_ended = run.order.epochs_done > epochs_before
     step_time = time.perf_counter() - t0
     run.window.append({**result.metrics, "grad_norm": grad_norm, "lr": lr, "step_time_s": step_time,
                        "tokens_per_s": result.n_tokens / step_time if step_time > 0 else 0.0})
@@ -450,12 +526,55 @@ def log_progress(run: Run) -> None:
     run.window = []
 
 
+def evaluate_at_start(run: Run) -> None:
+    """A fresh run with evals measures the untrained model first (step 0), as transformers does with
+    eval_steps: the baseline every later eval is compared with."""
+    if run.evals is not None and run.step == 0:
+        evaluate(run)
+
+
+def evaluate_if_due(run: Run) -> None:
+    """Every `eval_steps` (or at each epoch's end, by eval_strategy); early stopping reads it."""
+    if run.evals is not None and run.evals.due(run.step, run.epoch_ended):
+        evaluate(run)
+
+
+def evaluate(run: Run) -> None:
+    """One held-out eval: an `eval` record (or the one a killed run already logged for this step),
+    then early stopping's verdict."""
+    step = run.step
+    record = run.logged_evals.get(step)
+    if record is None:
+        run.log.status("evaluating", step, f"evaluating on {len(run.held_out.pairs)} held-out rows")
+        fields = run.held_out.measure(run.model, step)
+        record = run.log.write("eval", step=step, **fields) or fields
+        run.logged_evals[step] = record
+        print(eval_console_line(step, record), flush=True)
+        run.log.status("training", step, "")
+    if run.early.update(step, record):
+        run.stopped_early = (f"early stopping at step {step}: {run.early.metric} did not improve for "
+                             f"{run.early.patience} evals ({run.early.summary()})")
+
+
+def eval_console_line(step: int, record: dict[str, Any]) -> str:
+    numbers = " | ".join(f"{label} {record[key]:.4f}" for key, label in (
+        ("eval/ce_loss", "ce"), ("eval/cfm_loss", "cfm"), ("eval/alignment", "align"), ("eval/pass@1", "pass@1"))
+        if isinstance(record.get(key), (int, float)))
+    return f"eval step {step} | {numbers}"
+
+
 def checkpoint_if_due(run: Run) -> None:
-    """Every `save_steps` and at the last step."""
-    if run.step % run.save_steps == 0 or run.step == run.max_steps:
+    """By save_strategy: every `save_steps` (or at each epoch's end), after the first step with
+    save_first_step, and at the last step; never with `save_strategy: no`."""
+    cfg, step = run.cfg, run.step
+    if cfg.save_strategy == "no":
+        return
+    due = (step == run.max_steps or bool(run.save_every and step % run.save_every == 0)
+           or (cfg.save_strategy == "epoch" and run.epoch_ended) or (cfg.save_first_step and step == 1))
+    if due:
         save_progress(run)
-        if run.step < run.max_steps:
-            run.log.status("training", run.step, "")
+        if step < run.max_steps:
+            run.log.status("training", step, "")
 
 
 def save_progress(run: Run) -> None:
@@ -471,16 +590,18 @@ def save_progress(run: Run) -> None:
 
 
 def finish(run: Run) -> int:
-    """Done: the final adapter (or model). Stopped by a signal: keep the progress, exit 128+signal."""
-    if run.step < run.max_steps:
+    """Done (all steps, or stopped early): the final adapter (or model). Stopped by a signal: keep the
+    progress, exit 128+signal."""
+    if run.step < run.max_steps and not run.stopped_early:
         if run.step > run.saved_step:
             save_progress(run)
         run.log.status("stopped", run.step, f"stopped by {_signal_name()} at step {run.step}; re-run to resume")
         print(f"stopped at step {run.step}; re-run the same command to resume", flush=True)
         return watchdog.STOP.exit_code()
     final = save_final(run.run_dir, run.model, run.tokenizer)
-    run.log.status("done", run.step, f"done: {run.step} steps; {final.name} in {final}")
-    print(f"done: {run.step} steps; {final.name} saved in {final}", flush=True)
+    how = run.stopped_early or (f"{run.step} steps" + (f"; {run.early.summary()}" if run.early.summary() else ""))
+    run.log.status("done", run.step, f"done: {how}; {final.name} in {final}")
+    print(f"done: {how}; {final.name} saved in {final}", flush=True)
     return EXIT_OK
 
 
@@ -515,15 +636,17 @@ def shut_down(run: Run | None, log: MetricsLog) -> None:
 
 def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
           build_model: Callable = build_model, build_stepper: Callable = build_stepper,
-          load_data: Callable = load_data) -> int:
-    """Run training for `cfg`; returns the exit code. The three builders are the real ones unless a
-    test passes its own (a tiny model, a small Stepper)."""
+          load_data: Callable = load_data, load_held_out: Callable = load_held_out) -> int:
+    """Run training for `cfg`; returns the exit code. The builders are the real ones unless a test
+    passes its own (a tiny model, a small Stepper, its rows)."""
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir).expanduser()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_yaml = cfg.to_yaml()
     try:
-        ckpt, notes = prepare_run_dir(run_dir, cfg_yaml, resume=resume, overwrite=overwrite)
+        ckpt, notes = prepare_run_dir(run_dir, cfg_yaml,
+                                      resume=resume and cfg.auto_resume_from_checkpoints is not False,
+                                      overwrite=overwrite, resume_from=cfg.resume_from_checkpoint)
     except RunDirError as error:
         return refuse_run_dir(run_dir, error)
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -534,17 +657,20 @@ def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
     watchdog.STOP.reset()
     try:
         # ---- set-up: model, mode, data, optimizer
-        run = set_up(cfg, run_dir, cfg_yaml, log, build_model, build_stepper, load_data)
-        # ---- resume: this run dir's checkpoint and logged metrics
+        run = set_up(cfg, run_dir, cfg_yaml, log, build_model, build_stepper, load_data, load_held_out)
+        # ---- resume: this run dir's checkpoint, logged metrics and evals
         resume_run(run, ckpt)
         announce(run)
         run.wandb_run = start_wandb(cfg, run_dir, cfg_yaml)
-        # ---- the loop: step, log, checkpoint; a signal stops it between steps
+        evaluate_at_start(run)
+        # ---- the loop: step, log, eval, checkpoint; a signal or early stopping ends it between steps
         watchdog.STOP.graceful = True
-        while run.step < run.max_steps and not watchdog.stop_requested():
+        run.stepper.on_phase = lambda phase: log.phase(run.step + 1, phase)  # the step in progress
+        while run.step < run.max_steps and not run.stopped_early and not watchdog.stop_requested():
             if not optimizer_step(run):
                 return EXIT_NONFINITE
             log_progress(run)
+            evaluate_if_due(run)
             checkpoint_if_due(run)
         # ---- the end: done, or stopped by a signal
         return finish(run)
@@ -555,7 +681,7 @@ def train(cfg: EbftConfig, *, resume: bool = True, overwrite: bool = False,
 
 
 USER_ERRORS = ("ModelLoadError", "DatasetError", "ConfigError", "TransformError", "RunDirError",
-               "ServerError", "StructuredError", "NothingToTrainError")
+               "ServerError", "StructuredError", "SandboxUnavailable", "NothingToTrainError")
 """Exception class names that mean "the config points at something unusable": one message, no
 traceback. (Matched by name so this module need not import every module that defines one.)"""
 

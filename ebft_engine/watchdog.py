@@ -105,7 +105,7 @@ def start_parent_watchdog(poll_s: float = 0.5, grace_s: float = 60.0) -> threadi
         print(f"EBFT_PARENT_PID={raw!r} is not a pid; launcher watchdog disabled", file=sys.stderr)
         return None
     direct = os.getppid() == parent
-    if direct:
+    if direct and not os.environ.get("EBFT_PDEATHSIG"):  # the launcher's exec shim set one already
         _set_pdeathsig(signal.SIGTERM)  # a parent that died before this call: the poll sees it at once
 
     def launcher_alive() -> bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +28,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ebft_tui import __version__
-from ebft_tui.engine import ConfigInvalid, EngineError, engine_argv, engine_env, validate as engine_validate
+from ebft_tui.engine import (ConfigInvalid, EngineError, engine_argv, engine_env, explain_key,
+                             validate as engine_validate)
 from ebft_tui.overrides import OverrideError, parse_overrides, split_args
 from ebft_tui.presets import PresetNotFound, complete_preset, list_presets, resolve_preset
+from ebft_tui.runs.lifeline import Lifeline, exit_code
+from ebft_tui.runs.lock import RunDirLocked
 from ebft_tui.runs.plan import PlanError
 
 app = typer.Typer(
@@ -79,7 +84,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(2) from None
     except (PresetNotFound, OverrideError, EngineError, UserError) as e:
         raise fail(str(e)) from None
-    except (FileNotFoundError, PlanError) as e:
+    except (FileNotFoundError, PlanError, RunDirLocked) as e:
         raise fail(str(e)) from None
 
 
@@ -100,18 +105,34 @@ def _parse_gpus(text: str | None) -> list[int] | None:
         raise UserError(f"--gpus {text!r}: give GPU indices like 0,1 (see `ebft gpus`) or 'cpu'") from None
 
 
-def _run_engine(argv: list[str]) -> int:
-    """Run an engine command in the foreground; its exit code. Ctrl+C reaches it directly (same
-    process group), so we wait for it to finish its own graceful stop."""
+def _run_engine(argv: list[str], death_signal: int = signal.SIGKILL) -> int:
+    """Run an engine command in the foreground; its exit code (128+N when signal N ended it).
+
+    The engine gets its own session (so the lifeline's guard can take its whole group down if this
+    process dies, SIGKILL included); Ctrl+C, SIGTERM and SIGHUP that reach us are passed on to its
+    group, and we wait for it to finish its own graceful stop."""
+    lifeline = Lifeline()
     try:
-        proc = subprocess.Popen(argv, env=engine_env())
+        proc = subprocess.Popen(lifeline.argv(argv, death_signal), env=engine_env(), pass_fds=lifeline.pass_fds,
+                                start_new_session=True)
     except OSError as e:
+        lifeline.close()
         raise UserError(f"cannot run the engine ({argv[0]}): {e}") from None
-    while True:
+
+    def forward(signum: int, _frame: object) -> None:
         try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            continue
+            os.killpg(proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in handled}
+    try:
+        return exit_code(proc.wait())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        lifeline.close()
 
 
 # ----------------------------------------------------------------------------------- commands
@@ -124,13 +145,14 @@ def ls_cmd() -> None:
     presets = list_presets()
     if not presets:
         raise fail("no presets found (looked in ./presets and the ebft checkout's presets/)")
-    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-    table.add_column("PRESET", no_wrap=True)
-    table.add_column("MODE", no_wrap=True)
-    table.add_column("MODEL", no_wrap=True)
-    table.add_column("DEVICE", no_wrap=True)
-    table.add_column("DESCRIPTION", overflow="fold")
     rows = [(p.name, p.mode, p.model, p.device, p.description) for p in presets]
+    table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
+    # Names are what users copy: never cut them; the model and the description give way.
+    table.add_column("PRESET", no_wrap=True, min_width=max(len(r[0]) for r in rows))
+    table.add_column("MODE", no_wrap=True)
+    table.add_column("MODEL", overflow="fold", ratio=1)
+    table.add_column("DEVICE", no_wrap=True)
+    table.add_column("DESCRIPTION", overflow="fold", ratio=2)
     for row in rows:
         table.add_row(*row)
     console = out
@@ -172,18 +194,17 @@ def cat_cmd(
 def cp_cmd(
     preset: PresetArg,
     dest: Annotated[Path, typer.Argument(help="File or folder to copy it to.", show_default=False)],
-    no_clobber: Annotated[bool, typer.Option("--no-clobber", "-n", help="Leave an existing file alone.")] = False,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing file.")] = False,
 ) -> None:
-    """Copy a preset to edit it.
+    """Copy a preset to edit it (an existing file is left alone unless --force).
 
     [dim]Example: ebft cp smollm2-135m-strided-cpu my-run.yaml && ebft run my-run.yaml[/dim]
     """
     with user_errors():
         src = resolve_preset(preset)
         target = dest / src.name if dest.is_dir() else dest
-        if target.exists() and no_clobber:
-            err.print(f"[yellow]{escape(str(target))} exists: not overwritten (--no-clobber)[/yellow]")
-            return
+        if target.exists() and not force:
+            raise UserError(f"{target} exists: not overwritten (add --force to replace it, or give another name)")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
         out.print(f"copied {escape(str(src))} -> {escape(str(target))}")
@@ -191,12 +212,28 @@ def cp_cmd(
 
 
 @app.command("validate")
-def validate_cmd(config: PresetArg, overrides: OverridesArg = None) -> None:
+def validate_cmd(
+    config: Annotated[Optional[str], typer.Argument(help="Preset name (see `ebft ls`) or a YAML file path.",
+                                                    autocompletion=complete_preset, show_default=False)] = None,
+    overrides: OverridesArg = None,
+    explain: Annotated[Optional[str], typer.Option(
+        "--explain", metavar="KEY", help="Say what ebft does with one key of an axolotl config "
+                                         "(honoured, mapped, inert or refused, and why); no CONFIG needed.")] = None,
+) -> None:
     """Check a config and overrides; print the resolved config or every problem (exit 2).
 
-    [dim]Example: ebft validate my-run.yaml max_steps=5[/dim]
+    [dim]Examples: ebft validate my-run.yaml max_steps=5 | ebft validate --explain save_strategy[/dim]
     """
     with user_errors():
+        if explain is not None:
+            rc, text, error = explain_key(explain)
+            if text.strip():
+                out.print(escape(text.rstrip()))
+            if rc:
+                err.print(f"[red]error:[/red] {escape(error.strip())}")
+            raise typer.Exit(rc)
+        if config is None:
+            raise UserError("give a CONFIG (a preset name or a YAML file), or --explain KEY")
         path = resolve_preset(config)
         items = _check_overrides(list(overrides or []))
         res = engine_validate(path, items)
@@ -217,12 +254,33 @@ def train_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = N
 
     [dim]Example: ebft train smollm2-135m-strided-cpu max_steps=3[/dim]
     """
+    from ebft_tui.runs import lock
+
     with user_errors():
         path = resolve_preset(config)
         items, extra = split_args([*(overrides or []), *ctx.args])
         _check_overrides(items)
-        rc = _run_engine(engine_argv("train", str(path), *items, *extra))
+        run_dir = _train_run_dir(path, items)
+        if run_dir is not None:
+            lock.acquire(run_dir, command=f"ebft train {path.name}")  # raises RunDirLocked
+        try:
+            rc = _run_engine(engine_argv("train", str(path), *items, *extra))
+        finally:
+            if run_dir is not None:
+                lock.release(run_dir)
     raise typer.Exit(rc)
+
+
+def _train_run_dir(path: Path, items: list[str]) -> Path | None:
+    """The output_dir the engine will train in (None when the config does not validate: the
+    engine then says why itself)."""
+    import os
+
+    if os.environ.get("EBFT_RUN_DIR"):
+        return Path(os.environ["EBFT_RUN_DIR"]).expanduser().resolve()
+    res = engine_validate(path, items)
+    out = (res.config or {}).get("output_dir") if res.ok else None
+    return Path(str(out)).expanduser().resolve() if out else None
 
 
 @app.command("serve", context_settings=PASSTHROUGH)
@@ -247,7 +305,7 @@ def serve_cmd(ctx: typer.Context, config: PresetArg, overrides: OverridesArg = N
             argv += ["--port", str(port)]
         if host is not None:
             argv += ["--host", host]
-        rc = _run_engine(argv)
+        rc = _run_engine(argv, death_signal=signal.SIGTERM)  # it forwards SIGTERM to vLLM's group
     raise typer.Exit(rc)
 
 
@@ -282,10 +340,14 @@ def run_cmd(
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU indices, e.g. 0,1 (server, trainer) or 'cpu'. Default: free GPUs, else the CPU.")] = None,
     headless: Annotated[bool, typer.Option("--headless", help="No TUI: a live console (or plain lines when not a terminal).")] = False,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Where the run writes (default: the config's output_dir).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run already in the run dir and start from scratch (default: resume it).")] = False,
 ) -> None:
     """Launch a run: server (structured modes) then trainer, watched live.
 
-    Opens the TUI, unless --headless or stdout is not a terminal. Ctrl+C stops the run.
+    Opens the TUI, unless --headless or stdout is not a terminal. A run dir that holds an earlier
+    run resumes it; one where another launcher is running is refused (`ebft watch` it instead).
+    Stop keeps its word: the first Ctrl+C lets the trainer finish its step and checkpoint, a second
+    one kills it (resumable from the last checkpoint).
 
     [dim]Examples: ebft run smollm2-135m-strided-cpu max_steps=3 --headless | ebft run my.yaml --gpus 0,1[/dim]
     """
@@ -295,9 +357,11 @@ def run_cmd(
     with user_errors():
         path = resolve_preset(preset)
         items = _check_overrides(list(overrides or []))
-        plan = build_plan(path, items, _parse_gpus(gpus), run_dir)
+        plan = build_plan(path, items, _parse_gpus(gpus), run_dir, fresh=overwrite)
     if headless or not is_tty():
-        raise typer.Exit(run_headless(plan))
+        with user_errors():
+            rc = run_headless(plan)
+        raise typer.Exit(rc)
     from ebft_tui.tui.app import run_app
 
     rc = run_app(plan=plan)
@@ -360,11 +424,13 @@ def gpus_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-reada
 
 
 @app.command("tui")
-def tui_cmd() -> None:
-    """Open the terminal app on the preset picker (same as `ebft-tui`)."""
+def tui_cmd(
+    runs: Annotated[bool, typer.Option("--runs", help="Open on the runs screen (past and live runs under ./outputs).")] = False,
+) -> None:
+    """Open the terminal app on the preset picker (same as `ebft-tui`); ctrl+r shows the runs."""
     from ebft_tui.tui.app import run_app
 
-    rc = run_app()
+    rc = run_app(show_runs=runs)
     raise typer.Exit(rc if isinstance(rc, int) else 0)
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ebft_tui.runs.lifeline import guard_argv
+
 VALIDATE_TIMEOUT_S = 180.0
 
 
@@ -113,14 +115,30 @@ def validate(
     if write_resolved is not None:
         argv += ["--write-resolved", str(write_resolved)]
     try:
+        # guarded: the engine dies with us (subprocess.run blocks this thread until the child ends,
+        # so the forking thread outlives it, as PR_SET_PDEATHSIG needs)
         proc = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s, env=engine_env()
+            guard_argv(argv), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
+            env=engine_env(),
         )
     except subprocess.TimeoutExpired:
         return ValidationResult(ok=False, problems=[("engine", f"`ebft_engine validate` took more than {timeout_s:.0f} s")])
     except OSError as e:
         return ValidationResult(ok=False, problems=[("engine", f"cannot run the engine: {e}")])
     return _parse_validate_output(proc)
+
+
+def explain_key(key: str, timeout_s: float = VALIDATE_TIMEOUT_S) -> tuple[int, str, str]:
+    """`python -m ebft_engine validate --explain KEY`: (exit code, the key's row, the error text)."""
+    argv = engine_argv("validate", "--explain", key)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s,
+                              env=engine_env())
+    except subprocess.TimeoutExpired:
+        raise EngineError(f"`ebft_engine validate --explain` took more than {timeout_s:.0f} s") from None
+    except OSError as e:
+        raise EngineError(f"cannot run the engine: {e}") from None
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def validate_dict(cfg: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> ValidationResult:
@@ -135,7 +153,7 @@ def validate_dict(cfg: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
 def _schema_json() -> str:
     try:
         proc = subprocess.run(
-            engine_argv("schema"), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            guard_argv(engine_argv("schema")), stdin=subprocess.DEVNULL, capture_output=True, text=True,
             timeout=VALIDATE_TIMEOUT_S, env=engine_env(),
         )
     except (OSError, subprocess.TimeoutExpired) as e:

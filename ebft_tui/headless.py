@@ -5,24 +5,31 @@ On a terminal: the engine's console lines scroll by with a Rich `Live` status pa
 `| tee`, CI): Rich `Live` would print only its final render, so plain lines instead: one per
 logged step in the engine's console format, warnings and process events as lines, and a summary.
 
-Ctrl+C once: graceful stop ("stopping... Ctrl+C again to kill"); twice: SIGKILL the groups.
-SIGTERM/SIGHUP stop the children too. Exit code: the trainer's (130 after Ctrl+C).
+Ctrl+C once: graceful stop, which keeps its word: the trainer finishes its step, checkpoints and
+exits, however long that takes (the panel counts the seconds); twice: SIGKILL the groups (the run
+resumes from its last checkpoint). SIGTERM/SIGHUP stop the children the same way. The run dir is
+locked while we run (runs/lock.py). Exit code: the trainer's (130 after Ctrl+C). The progress bar
+and ETA are `rich.progress`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from ebft_tui.catalog import CARD_KEYS, METRICS
 from ebft_tui.metrics.history import MetricHistory, format_duration
+from ebft_tui.runs import lock
 from ebft_tui.runs.plan import LaunchPlan
 from ebft_tui.runs.supervisor import LaunchFailed, ProcState, Supervisor, SupervisorEvent
 from ebft_tui.runs.tail import JsonlFollower
@@ -101,8 +108,29 @@ def _fmt_uptime(st: ProcState, now: float) -> str:
     return format_duration(end - st.started_at)
 
 
+def make_progress() -> Progress:
+    """The step bar: done/total, the bar, the ETA (rich's own, from the steps' pace over the last
+    hour, so minutes-long CPU steps still get one) and the phase within the step."""
+    return Progress(
+        TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=30), TextColumn("ETA"),
+        TimeRemainingColumn(compact=True), TextColumn("{task.fields[phase]}", style="magenta"),
+        speed_estimate_period=3600.0, auto_refresh=False,
+    )
+
+
+def update_progress(progress: Progress, task: TaskID, history: MetricHistory, ended: bool = False) -> None:
+    phase = history.phase or ""
+    elapsed = history.phase_elapsed(time.time())
+    if phase and elapsed is not None and not ended:
+        phase = f"{phase} · {format_duration(elapsed)}"
+    progress.update(task, total=history.max_steps or None, completed=history.step or 0, phase=phase)
+    if ended:
+        progress.stop_task(task)
+
+
 def render_panel(plan: LaunchPlan, history: MetricHistory, states: list[ProcState],
-                 samples: dict[str, Any], gpus: list[Any], gpu_note: str | None, note: str = "") -> Group:
+                 samples: dict[str, Any], gpus: list[Any], gpu_note: str | None, note: str = "",
+                 progress: Progress | None = None) -> Group:
     now = time.time()
     head = Text.assemble(("ebft ", "bold"), (f"{plan.mode} ", "cyan"), (str(plan.run_dir), "dim"))
     if history.phase:
@@ -145,11 +173,8 @@ def render_panel(plan: LaunchPlan, history: MetricHistory, states: list[ProcStat
                    spec.format(s.min), spec.format(s.max), rng)
 
     step, max_steps = history.step, history.max_steps
-    if max_steps:
-        frac = history.progress or 0.0
-        width = 30
-        bar = "#" * int(round(frac * width)) + "-" * (width - int(round(frac * width)))
-        prog = Text(f"step {step}/{max_steps} [{bar}] {frac * 100:.0f}%  ETA {format_duration(history.eta_seconds())}")
+    if max_steps and progress is not None:
+        prog: Any = progress
     else:
         prog = Text("waiting for the first step..." if step is None else f"step {step}", style="dim")
     parts: list[Any] = [head, gpu_text, procs, mt, prog]
@@ -221,22 +246,25 @@ async def run_headless_async(
     sup = Supervisor(plan, on_event=on_event, stop_grace_s=stop_grace_s)
     intr = _Interrupts()
     loop = asyncio.get_running_loop()
-    note = {"text": ""}
+    note = {"text": "", "since": 0.0}
 
     def on_signal(sig: int) -> None:
         intr.count += 1
         intr.signal = intr.signal or sig
         if intr.count == 1:
-            msg = "stopping... Ctrl+C again to kill" if sig == signal.SIGINT else \
-                f"{signal.Signals(sig).name}: stopping the run..."
-            note["text"] = msg
+            what = "Ctrl+C" if sig == signal.SIGINT else signal.Signals(sig).name
+            msg = (f"{what}: stopping after this step (the trainer saves a checkpoint, then exits)... "
+                   "Ctrl+C again to kill now")
+            note["text"], note["since"] = msg, time.time()
             out(f"[ebft] {msg}")
             loop.create_task(sup.stop(reason="user"))
         elif sig == signal.SIGINT or intr.count > 2:
-            note["text"] = "killing..."
-            out("[ebft] killing...")
+            note["text"] = "killing now (the run resumes from its last checkpoint)..."
+            out("[ebft] killing now (the run resumes from its last checkpoint)...")
             sup.kill()
 
+    # RunDirLocked: another launcher runs there (the CLI says who)
+    lock.acquire(plan.run_dir, command="ebft run --headless: " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
@@ -253,6 +281,14 @@ async def run_headless_async(
     gpus: list[Any] = []
     gpu_note: str | None = None
     last_sample = 0.0
+    progress = make_progress()
+    bar = progress.add_task("steps", total=None, phase="")
+
+    def note_text() -> str:
+        if note["since"] and not task.done():
+            return f"{note['text']} ({format_duration(time.time() - note['since'])})"
+        return note["text"]
+
     try:
         if live:
             from rich.live import Live
@@ -267,7 +303,9 @@ async def run_headless_async(
                 if time.monotonic() - last_sample >= 1.0:
                     last_sample = time.monotonic()
                     samples, gpus, gpu_note = await _sample_resources(sup, samplers)
-                live_ctx.update(render_panel(plan, history, sup.states(), samples, gpus, gpu_note, note["text"]))
+                update_progress(progress, bar, history)
+                live_ctx.update(render_panel(plan, history, sup.states(), samples, gpus, gpu_note, note_text(),
+                                             progress))
             await asyncio.wait([task], timeout=POLL_S)
         pump()
         try:
@@ -282,11 +320,13 @@ async def run_headless_async(
             task.cancel()
             await sup.stop(grace_s=2.0, reason="cleanup")
         if live_ctx is not None:
-            live_ctx.update(render_panel(plan, history, sup.states(), samples, gpus, gpu_note, note["text"]))
+            update_progress(progress, bar, history, ended=True)
+            live_ctx.update(render_panel(plan, history, sup.states(), samples, gpus, gpu_note, note["text"], progress))
             live_ctx.stop()
         for sig in handled:
             loop.remove_signal_handler(sig)
         follower.close()
+        lock.release(plan.run_dir)
     if intr.count:
         rc = 130 if intr.signal == signal.SIGINT else 128 + int(intr.signal or signal.SIGTERM)
         how = "stopped"

@@ -306,8 +306,10 @@ def test_chat_template_kwargs_come_from_trl():
     assert chat_template_kwargs(cfg(trl={"chat_template_kwargs": {"enable_thinking": False}})) == {
         "enable_thinking": False}
     assert chat_template_kwargs(cfg(trl={"chat_template_kwargs": None})) == {}
-    with pytest.raises(ConfigError, match="`chat_template_kwargs` is not a key ebft knows at the top level"):
-        cfg(chat_template_kwargs={"x": 1})  # its one place is trl.chat_template_kwargs
+    # axolotl's top-level spelling means the same (issue 18); both, set apart, are refused
+    assert chat_template_kwargs(cfg(chat_template_kwargs={"x": 1})) == {"x": 1}
+    with pytest.raises(ConfigError, match="`chat_template_kwargs` means `trl.chat_template_kwargs"):
+        cfg(chat_template_kwargs={"x": 1}, trl={"chat_template_kwargs": {"x": 2}})
 
 
 def test_a_tokenizer_without_chat_template_reads_plain_text(tok):
@@ -341,3 +343,31 @@ def test_presets_load_through_the_real_config(preset, columns, tok):
     train, held = load_training_data(c, tok), load_eval_data(c, tok)
     assert (len(train), len(held)) == (3, 20)
     assert train.column_names == columns and held.column_names == columns
+
+
+# --- dataset_prepared_path: a cache of transformed rows ---------------------------------------------
+
+
+def test_prepared_rows_are_reused_until_something_that_made_them_changes(tmp_path, monkeypatch, tok):
+    import ebft_engine.data as data
+
+    builds = []
+    real = data._transform_all
+    monkeypatch.setattr(data, "_transform_all", lambda *a: builds.append(1) or real(*a))
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    prepared = tmp_path / "prepared"
+
+    def load(**kw):
+        return load_training_data(cfg(datasets=[{"path": str(path), "type": "ebft_opencode.transform"}],
+                                      dataset_prepared_path=str(prepared), **kw), tok)
+
+    first = load()
+    assert len(builds) == 1 and len([p for p in prepared.iterdir() if not p.name.startswith(".")]) == 1
+    again = load(learning_rate=1e-3, max_steps=7, val_set_size=2)  # nothing that makes rows: the cache
+    assert len(builds) == 1 and len(again) == 8
+    assert load()["ground_truth"] == first["ground_truth"] and len(builds) == 1
+    load(sequence_len=128)  # the transform reads it: rebuilt
+    assert len(builds) == 2
+    write_jsonl(path, [dict(r, output=r["output"] + "!") for r in PAIRS])  # the data file changed
+    assert load()["ground_truth"][0] == "answer 0!" and len(builds) == 3
+    assert not [p for p in prepared.iterdir() if p.name.startswith(".tmp-")]

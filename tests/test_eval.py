@@ -161,3 +161,31 @@ def test_eval_before_and_after_a_short_cpu_run(tmp_path, tiny_smollm2_dir):
         assert e["eval/ce_loss"] > 0 and e["eval/cfm_loss"] >= 0 and 0 <= e["eval/pass@1"] <= 1
     # the trained adapter really is what was evaluated: its CE differs from the base model's
     assert evals[0]["eval/ce_loss"] != evals[1]["eval/ce_loss"]
+
+
+def test_held_out_rows_of_every_shape_become_prompt_target_pairs():
+    """In-training evals read transformed rows: token rows cut at their prompt (or halfway for a raw
+    document, whose target has no end-of-sequence), and prompt / ground-truth rows as `ebft eval` does."""
+    from ebft_engine.eval import pair_of_record, pair_of_row
+
+    tok = _CharTokenizer()
+    coded = pair_of_record({"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9], "prompt_length": 2}, 0, tok, {})
+    assert (coded.prompt_ids, coded.target_ids, coded.eos_id) == ([5, 6], [7, 8, 9], None)
+    document = pair_of_record({"input_ids": [1, 2, 3, 4, 5, 6], "prompt_length": 0}, 1, tok, {})
+    assert (document.prompt_ids, document.target_ids) == ([1, 2, 3], [4, 5, 6])
+    qa = pair_of_record({"prompt": "ab", "ground_truth": "cd"}, 2, tok, {})
+    assert qa == pair_of_row(EvalRow(prompt="ab", ground_truth="cd"), tok, {}) and qa.eos_id == tok.eos_token_id
+    with pytest.raises(ValueError, match="row 3"):
+        pair_of_record({"input_ids": [4]}, 3, tok, {})
+
+
+def test_pairs_ce_scores_the_target_and_only_a_real_end(tiny_llama):
+    from ebft_engine.eval import EvalPair, pairs_ce
+
+    pair = EvalPair([3, 4, 5], [6, 7], None)
+    logp = torch.log_softmax(tiny_llama(input_ids=torch.tensor([[3, 4, 5, 6, 7]])).logits[0].float(), -1)
+    assert pairs_ce(tiny_llama, [pair], torch.device("cpu")) == pytest.approx(-(logp[2, 6] + logp[3, 7]).item() / 2, rel=1e-5)
+    with_end = EvalPair([3, 4, 5], [6, 7], 1)
+    logp = torch.log_softmax(tiny_llama(input_ids=torch.tensor([[3, 4, 5, 6, 7, 1]])).logits[0].float(), -1)
+    expected = -(logp[2, 6] + logp[3, 7] + logp[4, 1]).item() / 3
+    assert pairs_ce(tiny_llama, [with_end], torch.device("cpu")) == pytest.approx(expected, rel=1e-5)

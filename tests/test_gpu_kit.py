@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -113,9 +114,14 @@ def test_report_shows_every_part_with_its_command(tmp_path):
     assert record["parts"][0]["figures"]["table"].startswith("a  b")
 
 
+def kit_env() -> dict[str, str]:
+    """The kit runs the interpreter that runs the tests (not whatever `python3` is on PATH)."""
+    return {**os.environ, "PYTHON": sys.executable}
+
+
 def test_unknown_part_is_a_usage_error(tmp_path):
     done = subprocess.run(["bash", "scripts/gpu-check.sh", "--rehearse", "--only", "nope", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=kit_env())
     assert done.returncode == 2 and "unknown part(s) nope" in done.stderr and "strided_step" in done.stderr
 
 
@@ -126,7 +132,7 @@ def test_rehearsal_runs_every_part_and_writes_the_report(tmp_path):
     2 cores): every part succeeds and the report holds its figures."""
     out = tmp_path / "out"
     done = subprocess.run(["bash", "scripts/gpu-check.sh", "--rehearse", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=870)
+                          capture_output=True, text=True, timeout=870, env=kit_env())
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu-kit.log", "gpu-report.json", "gpu-report.md"]
     record = json.loads((out / "gpu-report.json").read_text())

@@ -184,3 +184,20 @@ def test_whitening_suppresses_the_diversity_warning():
     assert len(_feed(HealthMonitor(use_whitening=False), [5.0] * 10, "ebft/diversity")) == 1
     # the other rules still apply under whitening
     assert len(_feed(HealthMonitor(use_whitening=True), [0.0] * 5, "ebft/alignment")) == 1
+
+
+def test_phase_records_are_throttled_within_a_step(tmp_path, monkeypatch):
+    from ebft_engine import metrics as m
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(m.time, "monotonic", lambda: clock["t"])
+    with m.MetricsLog(tmp_path / "metrics.jsonl") as log:
+        log.phase(1, "generating")
+        log.phase(1, "scoring")  # same second: dropped
+        clock["t"] += 1.5
+        log.phase(1, "scoring")  # later: written
+        log.phase(1, "scoring")  # unchanged: dropped
+        log.phase(2, "generating")  # a new step: always written
+    recs = m.read_records(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["phase"]) for r in recs] == [(1, "generating"), (1, "scoring"), (2, "generating")]
+    assert all(r["event"] == "phase" and r["v"] == 1 for r in recs)

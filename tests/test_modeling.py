@@ -280,3 +280,20 @@ def test_smollm2_answers_simple_questions(smollm2_dir):
 
     assert "Paris" in answer("What is the capital of France?")
     assert "5" in answer("What is 2+3? Answer with a number.")
+
+
+def test_tf32_turns_tf32_matmuls_on_only_where_the_gpu_has_them(monkeypatch):
+    """`tf32: auto` (axolotl's default) means on for Ampere+ GPUs; CPUs have no TF32 (issue 18)."""
+    from ebft_engine.modeling import apply_tf32
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        assert apply_tf32(True, torch.device("cpu")) is False and not torch.backends.cuda.matmul.allow_tf32
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        assert apply_tf32("auto", torch.device("cuda")) is True
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+        assert apply_tf32("auto", torch.device("cuda")) is False and not torch.backends.cuda.matmul.allow_tf32
+        assert apply_tf32(False, torch.device("cuda")) is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

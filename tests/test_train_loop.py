@@ -418,3 +418,35 @@ def test_wandb_project_without_wandb_installed_says_so_and_trains(tmp_path, monk
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     assert run_tiny(tiny_cfg(tmp_path / "run", max_steps=1, wandb_project="p")) == 0
     assert "wandb is not installed" in capsys.readouterr().err
+
+
+def test_phases_within_a_step_reach_the_log_with_the_step_in_progress(tmp_path):
+    """A mode reports its phases through `report_phase`; the loop writes them as `phase` records
+    of the step being made (the TUI shows "generating step 3 · 0:41" from them)."""
+    from ebft_engine.stepper import report_phase
+
+    class Phased:
+        def __init__(self, inner):
+            self.inner, self.rows_per_step = inner, inner.rows_per_step
+
+        def run_step(self, rows, step):
+            for phase in ("generating", "scoring", "training"):
+                report_phase(self, phase)
+            return self.inner.run_step(rows, step)
+
+        def after_optimizer_step(self, step):
+            self.inner.after_optimizer_step(step)
+
+        def close(self):
+            self.inner.close()
+
+    cfg = tiny_cfg(tmp_path / "run", max_steps=2)
+    assert run_tiny(cfg, wrap=lambda s, c: Phased(s)) == 0
+    events = read_records(tmp_path / "run" / "metrics.jsonl")
+    phases = [(e["step"], e["phase"]) for e in events if e["event"] == "phase"]
+    assert phases[0] == (1, "generating")  # the first phase of each step is always written
+    assert (2, "generating") in phases
+    assert all(p in ("generating", "scoring", "training") for _, p in phases)
+    metrics_at = {e["step"]: i for i, e in enumerate(events) if e["event"] == "metrics"}
+    first_of_2 = next(i for i, e in enumerate(events) if e["event"] == "phase" and e["step"] == 2)
+    assert first_of_2 > metrics_at[1]  # step 2's phases come after step 1 was logged

@@ -4,7 +4,8 @@
     python docs/img/make_screenshots.py            # a real CPU run: smollm2-135m-strided-cpu
     python docs/img/make_screenshots.py --fake     # the test suite's fake trainer (seconds)
 
-Writes docs/img/run-screen.svg (+ .png), preset-picker.svg, parameters.svg.
+Writes docs/img/run-screen.svg (+ .png), run-screen-80x24.svg, plot.svg, runs.svg,
+preset-picker.svg, parameters.svg.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ sys.path.insert(0, str(REPO))
 from ebft_tui.runs.plan import LaunchPlan, ProcessSpec, build_plan  # noqa: E402
 from ebft_tui.tui.app import EbftApp  # noqa: E402
 from ebft_tui.tui.screens.config_form import ConfigFormScreen  # noqa: E402
+from ebft_tui.tui.screens.plot import PlotScreen  # noqa: E402
+from ebft_tui.tui.screens.runs import RunsScreen  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 SIZE = (130, 42)
@@ -56,13 +59,32 @@ async def picker_and_form() -> None:
 
 
 async def run_screen(plan: LaunchPlan, steps: int, timeout: float) -> None:
-    app = EbftApp(plan=plan, install_signal_handlers=False)
+    app = EbftApp(plan=plan, install_signal_handlers=False, runs_root=Path(plan.run_dir).parent)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.screen
         await wait(pilot, lambda: (screen.history.step or 0) >= steps, timeout)
         await pilot.pause(1.5)  # a process sample and the last records
         save(app, "run-screen")
-        await app.run_control.stop(5)
+        screen.card("ebft/alignment").focus()
+        await pilot.press("enter")
+        await wait(pilot, lambda: isinstance(app.screen, PlotScreen), 10)
+        await pilot.pause(0.5)
+        save(app, "plot")
+        await pilot.press("escape")
+        await pilot.press("s")
+        await pilot.pause(0.3)
+        await pilot.press("y")  # stop: the step, a checkpoint (the countdown shows meanwhile)
+        await wait(pilot, lambda: screen.finished is not None, timeout)
+        await pilot.pause(0.5)
+        await pilot.press("ctrl+r")
+        await wait(pilot, lambda: isinstance(app.screen, RunsScreen) and app.screen.runs, 30)
+        await pilot.pause(0.5)
+        save(app, "runs")
+    app = EbftApp(watch_dir=plan.run_dir, install_signal_handlers=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait(pilot, lambda: (app.screen.history.step or 0) >= steps, 30)
+        await pilot.pause(0.5)
+        save(app, "run-screen-80x24")
 
 
 def main() -> int:
@@ -71,7 +93,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     args = ap.parse_args()
     asyncio.run(picker_and_form())
-    run_dir = Path(tempfile.mkdtemp(prefix="ebft-shot-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="ebft-shot-")) / "outputs" / "smollm2-strided-cpu"
+    run_dir.mkdir(parents=True)
     if args.fake:
         steps = args.steps or 40
         argv = [sys.executable, str(REPO / "tests/fakes/fake_trainer.py"), "--out", str(run_dir), "--steps",
@@ -79,9 +102,11 @@ def main() -> int:
         plan = LaunchPlan(run_dir, "strided", [ProcessSpec("trainer", argv, {}, run_dir / "trainer.log")], None, [])
         asyncio.run(run_screen(plan, steps, 60))
     else:
-        steps = args.steps or 6
-        plan = build_plan("presets/smollm2-135m-strided-cpu.yaml", [f"max_steps={steps + 2}", "logging_steps=1"],
-                          [], run_dir)
+        steps = args.steps or 4
+        # fp32 and two samples per document: the same run, a few times faster on a CPU
+        plan = build_plan(REPO / "presets/smollm2-135m-strided-cpu.yaml",
+                          [f"max_steps={steps + 2}", "logging_steps=1", "save_steps=1000", "bf16=false",
+                           "ebft.n_samples_per_prompt=2"], [], run_dir)
         asyncio.run(run_screen(plan, steps, 1800))
     return 0
 

@@ -1,4 +1,5 @@
-"""`python -m ebft_engine validate CONFIG [key=value ...] [--json] [--write-resolved PATH]`.
+"""`python -m ebft_engine validate CONFIG [key=value ...] [--json] [--write-resolved PATH]`, or
+`python -m ebft_engine validate --explain KEY`.
 
 Checks a config and its overrides the way training will, before anything is loaded (no torch, no
 network), and reports every problem at once: first the config's own keys and rules, then what the
@@ -23,6 +24,10 @@ exit 0 when ok, 2 when the config has problems, 1 on an internal error (then one
 file beside it, then rename): the launcher's RUN_DIR/config.yaml, which `load_config` reads back as
 the same config.
 
+`--explain KEY` (no config needed) prints what ebft does with one key an axolotl config may hold:
+its row of ebft_engine/axolotl_keys.yaml (honoured, mapped, inert or refused, and why), or, for a
+key of ebft's own, its description; exit 0. A key neither knows: exit 2 with the closest keys.
+
 Never prints a traceback.
 """
 
@@ -37,11 +42,13 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("config", nargs="?", default=None, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ebft.diversity_coef=0.5")
     parser.add_argument("--json", action="store_true", help="print one JSON document (ok, problems, warnings, config)")
     parser.add_argument("--write-resolved", metavar="PATH", default=None,
                         help="write the resolved config as YAML to PATH (atomically) when it is valid")
+    parser.add_argument("--explain", metavar="KEY", default=None,
+                        help="print what ebft does with KEY (e.g. save_strategy, trl.beta, fsdp_config.offload_params)")
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -71,7 +78,28 @@ def resolved_header(source: str, overrides: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def explain_key(key: str) -> int:
+    """`--explain KEY`: the key's row (or ebft's own description of it); exit 2 naming close keys."""
+    from ebft_engine.compat import closest_keys, explain
+    from ebft_engine.config import schema_descriptions
+
+    ours = schema_descriptions()
+    text = explain(key, ours)
+    if text is not None:
+        print(text)
+        return 0
+    close = closest_keys(key, list(ours))
+    hint = f" Did you mean {', '.join(f'`{k}`' for k in close)}?" if close else ""
+    print(f"`{key}` is neither a key of axolotl's config schema nor one of ebft's.{hint}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.explain:
+        return explain_key(args.explain)
+    if args.config is None:
+        print("validate needs a CONFIG file (or --explain KEY)", file=sys.stderr)
+        return 2
     overrides = list(args.overrides or [])
     try:
         from ebft_engine.config import ConfigError

@@ -33,7 +33,7 @@ from ebft_engine.config import EbftConfig
 from ebft_engine.features import (feature_layer_indices, frozen_feature_model, is_peft_model,
                                   make_frozen_copy, num_decoder_layers, pool_blocks, token_features)
 from ebft_engine.rewards import compute_rewards, reward_metrics
-from ebft_engine.stepper import NothingToTrainError, StepResult
+from ebft_engine.stepper import NothingToTrainError, StepResult, report_phase
 
 from .generate import generate_blocks
 from .layout import (StridedLayout, block_view, fold_sample_rows, gen_region, make_layout, row_anchors,
@@ -267,6 +267,7 @@ class StridedStepper:
         #    runs on n copies (one prefill, the cache repeated: slightly faster than the folded row,
         #    whose decode steps see n times the keys); the forwards then take the n samples as
         #    n·NB blocks of each document's row (or, unfolded, n copies of the row)
+        report_phase(self, "generating")
         tokens = generate_blocks(model, input_ids, layout, n_samples=n, temperature=float(e.temperature),
                                  top_p=float(e.top_p), generator=generator)  # [B·n, NB, G]
         rollout, copies = (layout.fold(n), 1) if self.fold_samples else (layout, n)
@@ -277,6 +278,7 @@ class StridedStepper:
         mask = self._mask(rollout, copies)
 
         # 2. rewards from the frozen features; one group per (document, block)
+        report_phase(self, "scoring")
         gen_f, gt_f = self._features(seq, mask, layout, rollout, copies)
         D = gen_f.shape[-1]
         groups_gen = to_groups(gen_f, n)  # [B·NB, n, D]
@@ -289,6 +291,7 @@ class StridedStepper:
         adv = from_groups(adv, B).float()  # [B·n, NB]
 
         # 3. training forward with the same mask; log-probs at the index map (logits / τ)
+        report_phase(self, "training")
         head = lm_head(model)
         hidden = forward_with_mask(model, seq, run.position_ids, mask)  # [B·copies, T', H]
         logp, entropy = gather_logprobs(hidden, head, run.pred_index, tokens_x,

@@ -31,7 +31,7 @@ from ebft_engine.data import chat_template_kwargs
 from ebft_engine.features import is_peft_model
 from ebft_engine.rewards import RewardOutput, reward_metrics
 from ebft_engine.rollout.prefetch import BatchHandle, Prefetcher
-from ebft_engine.stepper import StepResult
+from ebft_engine.stepper import StepResult, report_phase
 from ebft_engine.structured.groups import Group, StructuredError
 from ebft_engine.structured.loss import LossSettings
 from ebft_engine.structured.rollout import Lengths, RolloutBuilder, Sampling, stop_token_ids
@@ -118,9 +118,11 @@ class StructuredStepper:
             self._first_step = step
             if step > 1:  # resumed from a checkpoint: serve the restored weights first
                 self._publish(step - 1)
+        report_phase(self, "generating")
         groups, rewards, timing = self._rollouts_and_rewards(list(rows), step)
         metrics: dict[str, float] = dict(reward_metrics(rewards))
         adv = scale_group_rewards(rewards.rewards.float(), self._scale_mode())
+        report_phase(self, "training")
         loss_metrics, n_tokens, skipped = self._backward(groups, adv)
         metrics.update(loss_metrics)
         metrics.update(timing)
@@ -164,6 +166,7 @@ class StructuredStepper:
         else:
             groups = list(groups_iter)
             gen_time = time.perf_counter() - t_gen
+            report_phase(self, "scoring")
             parts = [self.scorer.score(groups)]
         if handle is not None:
             gen_wait = handle.wait_s

@@ -105,6 +105,20 @@ def _where_raised(error: BaseException, module_file: str | None = None) -> str:
     return f"{frame.filename} line {frame.lineno}: "
 
 
+def transform_module_file(type_name: str) -> "Path | None":
+    """The source file of the module a `type` names (None when it cannot be imported): what a
+    cache of transformed rows must notice changing (ebft_engine/prepared.py)."""
+    from pathlib import Path
+
+    module_name = str(type_name).rpartition(".")[0]
+    try:
+        module = _import_module(type_name, module_name)
+    except TransformError:
+        return None
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve() if file else None
+
+
 def load_transform(type_name: str, cfg: EbftConfig, **kwargs: Any) -> tuple[TransformFn, dict]:
     """Resolve `type_name` to its factory, call it with `cfg`, and check what it returns."""
     module_name, _, function_name = str(type_name).rpartition(".")

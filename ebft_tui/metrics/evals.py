@@ -1,8 +1,9 @@
 """One line per `ebft eval` record, with arrows against the eval before it.
 
-`ebft eval` appends `eval` records to the run's `metrics.jsonl` (docs/log-contract.md). An eval is
-rare and each one is a verdict on the whole model, so the run screen lists the last few side by
-side instead of drawing a card per number: the question it answers is "did training help?".
+`ebft eval`, and a run with `eval_steps` as it trains, append `eval` records to the run's
+`metrics.jsonl` (docs/log-contract.md). An eval is rare and each one is a verdict on the whole
+model, so the run screen lists the last few side by side instead of drawing a card per number: the
+question it answers is "did training help?".
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def _number(value: Any) -> float | None:
 
 
 def model_label(record: dict[str, Any]) -> str:
-    """`base model`, or the adapter's last two path parts (`run-a/adapter`)."""
+    """`training` for the evals a run makes as it trains (eval_steps), else `base model`, or the
+    adapter's last two path parts (`run-a/adapter`)."""
+    if record.get("in_training") is True:
+        return "training"
     adapter = record.get("adapter")
     if not adapter:
         return "base model"

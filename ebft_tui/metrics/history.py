@@ -101,6 +101,8 @@ class MetricHistory:
         self.max_steps: int | None = None
         self.phase: str | None = None
         self.phase_message: str = ""
+        self.phase_ts: float | None = None  # when the current phase began (record time)
+        self.phase_step: int | None = None  # the step the current phase belongs to
         self.mode: str | None = None
         self.run: dict[str, Any] = {}
         self.warnings: list[dict[str, Any]] = []
@@ -125,7 +127,7 @@ class MetricHistory:
             self.last_ts = ts
         event = record.get("event", "metrics")
         step = record.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
+        if isinstance(step, int) and not isinstance(step, bool) and event != "phase":  # a phase's step is in progress
             # metrics/status say where the run is (a resumed run may restart lower); others only advance it.
             if self.step is None or event in ("metrics", "status"):
                 self.step = step
@@ -139,6 +141,9 @@ class MetricHistory:
             self.last_metrics = record
             if ts is not None and isinstance(step, int):
                 self._rate_points.append((ts, step))
+            if ts is not None and self.phase not in ("done", "error", "stopped"):
+                self.phase_ts = ts  # the next step starts now
+                self.phase_step = step + 1 if isinstance(step, int) else None
             touched = self._add_values(record, step if isinstance(step, int) else None)
         elif event == "eval":
             self.evals.append(record)
@@ -146,6 +151,13 @@ class MetricHistory:
         elif event == "status":
             self.phase = str(record.get("phase") or self.phase or "")
             self.phase_message = str(record.get("message") or "")
+            self.phase_ts = ts
+            self.phase_step = step + 1 if isinstance(step, int) and self.phase in ("training", "resumed") else step
+        elif event == "phase":  # within a step: generating / scoring / training (log-contract.md)
+            if self.phase not in ("done", "error", "stopped"):
+                self.phase = str(record.get("phase") or self.phase or "")
+                self.phase_ts = ts
+                self.phase_step = step if isinstance(step, int) else self.phase_step
         elif event == "warning":
             self.warnings.append(record)
         elif event == "error":
@@ -197,6 +209,22 @@ class MetricHistory:
     def finished(self) -> bool:
         return self.phase in ("done", "error")
 
+    def phase_elapsed(self, now: float) -> float | None:
+        """Seconds in the current phase (None when the log has not said)."""
+        if self.phase_ts is None or self.phase in ("done", "error", "stopped"):
+            return None
+        return max(0.0, now - self.phase_ts)
+
+    def step_time(self) -> float | None:
+        """Typical seconds per step: the recent rate, else the last `step_time_s`."""
+        pts = list(self._rate_points)
+        if len(pts) >= 2:
+            (t0, s0), (t1, s1) = pts[0], pts[-1]
+            if s1 > s0 and t1 > t0:
+                return (t1 - t0) / (s1 - s0)
+        st = self._series.get("step_time_s")
+        return st.last if st is not None and st.last else None
+
     @property
     def progress(self) -> float | None:
         if self.step is None or not self.max_steps:
@@ -205,20 +233,13 @@ class MetricHistory:
 
     def eta_seconds(self, now: float | None = None) -> float | None:
         """Seconds left: the rate of the recent metrics records, else `step_time_s`."""
-        if self.step is None or not self.max_steps:
+        if self.step is None or not self.max_steps or self.phase in ("done", "error", "stopped"):
             return None
         left = self.max_steps - self.step
         if left <= 0:
             return 0.0
-        pts = list(self._rate_points)
-        if len(pts) >= 2:
-            (t0, s0), (t1, s1) = pts[0], pts[-1]
-            if s1 > s0 and t1 > t0:
-                return left * (t1 - t0) / (s1 - s0)
-        st = self._series.get("step_time_s")
-        if st is not None and st.last is not None and st.last > 0:
-            return left * st.last
-        return None
+        per_step = self.step_time()
+        return left * per_step if per_step else None
 
     def health(self, key: str) -> Health:
         """good: in its healthy range and not trending against the desired direction;

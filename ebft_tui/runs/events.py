@@ -76,6 +76,52 @@ def _num(v: Any) -> bool:
 
 _BOOK = {"v", "ts", "event", "step", "max_steps", "adapter"}
 
+# Fields whose type the contract fixes (docs/log-contract.md); None is allowed where marked.
+_INT_FIELDS = {"v": False, "step": True, "max_steps": True}
+_NUM_FIELDS = {"ts": False, "epoch": True}
+_STR_FIELDS = {"event": False, "phase": True, "message": True, "hint": True, "metric": True, "path": True,
+               "mode": True, "base_model": True, "output_dir": True, "resumed_from": True, "adapter": True}
+# Events whose other fields are numbers (or null for a non-finite value): all of a `metrics`
+# record's, the `eval/...` ones of an `eval` record.
+_NUMERIC_EVENTS = {"metrics", "eval"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def record_problem(d: Any) -> str | None:
+    """Why a parsed line is not a record a reader may fold in (None: it is fine).
+
+    Readers skip such records as they skip lines that are not JSON: a string where a number
+    belongs, a list for `step`, a bool for a metric would otherwise reach the plots and the ETA.
+    Unknown keys of non-numeric events pass (readers ignore what they do not know)."""
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    for key, nullable in _INT_FIELDS.items():
+        if key in d and not (_is_int(d[key]) or (nullable and d[key] is None)):
+            return f"{key} is not an integer"
+    for key, nullable in _NUM_FIELDS.items():
+        if key in d and not (_is_num(d[key]) or (nullable and d[key] is None)):
+            return f"{key} is not a number"
+    for key, nullable in _STR_FIELDS.items():
+        if key in d and not (isinstance(d[key], str) or (nullable and d[key] is None)):
+            return f"{key} is not a string"
+    event = d.get("event", "metrics")
+    if event in _NUMERIC_EVENTS:
+        for key, value in d.items():
+            if key in _INT_FIELDS or key in _NUM_FIELDS or key in _STR_FIELDS:
+                continue
+            if event == "eval" and not key.startswith("eval/"):
+                continue  # notes beside the numbers (a sandbox warning...)
+            if value is not None and not _is_num(value):
+                return f"{key} is not a number"
+    return None
+
 
 def parse_record(d: dict[str, Any]) -> Record:
     event = str(d.get("event", "metrics"))

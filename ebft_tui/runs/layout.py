@@ -8,6 +8,9 @@ RUN_DIR/
   metrics.jsonl   the engine's structured log (docs/log-contract.md)
   trainer.log     trainer stdout+stderr
   server.log      generation server stdout+stderr (structured mode)
+  launcher.lock   who supervises the run now (pid, host, start time): one launcher per run dir
+  launch.json     the plan the TUI handed to its run keeper (runs/keeper.py)
+  launcher.log    the keeper's news, one JSON line each (and its stderr)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from ebft_tui import engine
 from ebft_tui.overrides import get_path
 from ebft_tui.presets import STRIDED, is_cpu_config, mode_of
 from ebft_tui.runs.layout import RunDir
+from ebft_tui.runs.lock import RunDirLocked, live_holder
 from ebft_tui.system.gpus import list_gpus, nvml_unavailable_reason, pick_free_gpus
 
 DEFAULT_PORT = 8000
@@ -54,6 +56,10 @@ class ProcessSpec:
     ready_url: str | None = None
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
     cwd: Path | None = None
+    # What the child gets the moment its launcher dies (PR_SET_PDEATHSIG, runs/lifeline.py):
+    # SIGKILL, unless it has children of its own to take down first (the server forwards SIGTERM
+    # to vLLM's process group).
+    death_signal: int = signal.SIGKILL
 
 
 @dataclass
@@ -88,6 +94,45 @@ class LaunchPlan:
     @property
     def whitening(self) -> bool:
         return bool(get_path(self.config or {}, "ebft.use_whitening", False))
+
+
+def check_run_dir_free(run_dir: str | Path) -> None:
+    """Raise `RunDirLocked` (naming the holder) when a live launcher supervises `run_dir`."""
+    holder = live_holder(run_dir)
+    if holder is not None:
+        raise RunDirLocked(Path(run_dir), holder)
+
+
+def has_previous_run(run_dir: str | Path) -> bool:
+    """The folder holds an earlier run (its log or checkpoints): a new start resumes it."""
+    rd = RunDir(run_dir)
+    return rd.metrics.is_file() or (rd.path / "checkpoints").is_dir()
+
+
+def plan_to_dict(plan: LaunchPlan) -> dict[str, Any]:
+    """JSON-able form of a plan (the TUI hands it to its run keeper process)."""
+    return {
+        "run_dir": str(plan.run_dir), "mode": plan.mode, "gpus": plan.gpus, "warnings": plan.warnings,
+        "resolved_config_path": str(plan.resolved_config_path) if plan.resolved_config_path else None,
+        "config": plan.config,
+        "processes": [{
+            "name": p.name, "argv": p.argv, "env": p.env, "log_path": str(p.log_path), "ready_url": p.ready_url,
+            "ready_timeout_s": p.ready_timeout_s, "cwd": str(p.cwd) if p.cwd else None,
+            "death_signal": int(p.death_signal),
+        } for p in plan.processes],
+    }
+
+
+def plan_from_dict(data: dict[str, Any]) -> LaunchPlan:
+    procs = [ProcessSpec(name=p["name"], argv=list(p["argv"]), env=dict(p["env"]), log_path=Path(p["log_path"]),
+                         ready_url=p.get("ready_url"), ready_timeout_s=float(p.get("ready_timeout_s") or DEFAULT_READY_TIMEOUT_S),
+                         cwd=Path(p["cwd"]) if p.get("cwd") else None,
+                         death_signal=int(p.get("death_signal") or signal.SIGKILL))
+             for p in data["processes"]]
+    rc = data.get("resolved_config_path")
+    return LaunchPlan(run_dir=Path(data["run_dir"]), mode=str(data["mode"]), processes=procs,
+                      resolved_config_path=Path(rc) if rc else None, gpus=list(data.get("gpus") or []),
+                      warnings=list(data.get("warnings") or []), config=data.get("config"))
 
 
 def redact_env(env: dict[str, str]) -> dict[str, str]:
@@ -156,10 +201,14 @@ def build_plan(
     overrides: list[str] | tuple[str, ...] = (),
     gpus: list[int] | None = None,
     run_dir: str | Path | None = None,
+    fresh: bool = False,
 ) -> LaunchPlan:
     """Validate `config` + overrides through the engine and plan the launch (writes RUN_DIR files).
 
-    Raises `engine.ConfigInvalid` (with every problem) or `PlanError`.
+    `fresh`: start from scratch, deleting the run already in the folder (the engine's
+    `--no-resume --overwrite`); otherwise the trainer resumes from the folder's last checkpoint.
+    Raises `engine.ConfigInvalid` (with every problem), `PlanError`, or `RunDirLocked` when a live
+    launcher holds the run directory (before anything in it is written).
     """
     config = Path(config)
     overrides = list(overrides)
@@ -179,7 +228,9 @@ def build_plan(
     chosen = _choose_gpus(mode, cpu, gpus, warnings)
 
     out = run_dir if run_dir is not None else resolved.get("output_dir") or f"outputs/{config.stem}"
-    rd = RunDir(Path(out).expanduser().resolve()).ensure()
+    rd = RunDir(Path(out).expanduser().resolve())
+    check_run_dir_free(rd.path)
+    rd.ensure()
     resolved["output_dir"] = str(rd.path)
     cwd = Path.cwd()
 
@@ -209,6 +260,7 @@ def build_plan(
             ready_url=f"http://127.0.0.1:{port}/health",
             ready_timeout_s=timeout,
             cwd=cwd,
+            death_signal=signal.SIGTERM,
         ))
         trainer_gpu = chosen[1] if len(chosen) > 1 else (chosen[0] if chosen else None)
         trainer_env = dict(base_env, CUDA_VISIBLE_DEVICES="" if trainer_gpu is None else str(trainer_gpu),
@@ -218,7 +270,7 @@ def build_plan(
         trainer_env = dict(base_env)
     processes.append(ProcessSpec(
         name="trainer",
-        argv=engine.engine_argv("train", str(rd.config)),
+        argv=engine.engine_argv("train", str(rd.config), *(["--no-resume", "--overwrite"] if fresh else [])),
         env=trainer_env,
         log_path=rd.trainer_log,
         cwd=cwd,

@@ -9,14 +9,19 @@ from the event-loop thread. Rules (shared/notes/tui-conventions.md §6):
   launcher dies, even by SIGKILL);
 - start: server first, wait for /health (fail fast with the log tail if it dies or never gets
   ready), then the trainer;
-- stop: trainer then server; SIGTERM to the group, grace, SIGKILL, then verify the group is empty
-  (grandchildren such as vLLM's EngineCore outlive their leader otherwise);
+- stop keeps its word: the trainer gets SIGTERM and is given all the time it needs to finish its
+  step, checkpoint and exit (128+15); `kill()` ("stop now") SIGKILLs every group, and the run
+  resumes from its last checkpoint. Then the server: SIGTERM, grace, SIGKILL. Each group is
+  verified empty (grandchildren such as vLLM's EngineCore outlive their leader otherwise);
 - when any process ends on its own, the others are stopped (a server without a trainer, or a
   trainer without its server, has nothing to do);
 - RUN_DIR/state.json records pids, states, exit codes and stopped-by-user vs crashed;
 - launcher death: the launcher's own SIGTERM/SIGHUP handlers call `stop()` (headless mode, the
-  app); an atexit fallback kills every live group synchronously; for SIGKILL of the launcher the
-  children's `EBFT_PARENT_PID` watchdog takes their group down.
+  app); an atexit fallback kills every live group synchronously; against SIGKILL of the launcher
+  each child is started through the lifeline shim (runs/lifeline.py): PR_SET_PDEATHSIG (the trainer
+  gets SIGKILL, the server SIGTERM, which it forwards to vLLM's group) and a guard that signals
+  the child's whole group when our lifeline pipe closes; the children's `EBFT_PARENT_PID`
+  watchdog stays as the fallback.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Callable, Literal
 import psutil
 
 from ebft_tui.runs.layout import RunDir
+from ebft_tui.runs.lifeline import Lifeline, exit_code
 from ebft_tui.runs.plan import LaunchPlan, ProcessSpec
 from ebft_tui.runs.readiness import ReadinessError, wait_ready
 from ebft_tui.runs.tail import tail_lines
@@ -42,7 +48,7 @@ from ebft_tui.runs.tail import tail_lines
 log = logging.getLogger(__name__)
 
 State = Literal["starting", "ready", "running", "exited", "stopped", "failed"]
-EventKind = Literal["started", "ready", "exited", "failed", "stopped"]
+EventKind = Literal["started", "ready", "exited", "failed", "stopping", "stopped"]
 LOG_TAIL_LINES = 20
 KILL_WAIT_S = 5.0
 
@@ -171,10 +177,15 @@ class Supervisor:
         on_event: Callable[[SupervisorEvent], None] | None = None,
         stop_grace_s: float = 10.0,
         ready_poll_s: float = 1.0,
+        trainer_stop_timeout_s: float | None = None,
     ):
         self.plan = plan
         self.on_event = on_event
         self.stop_grace_s = stop_grace_s
+        # None: a stop waits for the trainer's own graceful exit (step, checkpoint) however long
+        self.trainer_stop_timeout_s = trainer_stop_timeout_s
+        self.stop_requested_at: float | None = None
+        self.killed = False
         self.ready_poll_s = ready_poll_s
         self.run_dir = RunDir(plan.run_dir)
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -182,6 +193,7 @@ class Supervisor:
             p.name: ProcState(p.name, None, None, "starting") for p in plan.processes
         }
         self._watchers: dict[str, asyncio.Task] = {}
+        self.lifeline = Lifeline()  # held for our lifetime: its guards take each group down with us
         # pgids not yet seen empty; only these are ever signalled (a pid, once free, can be reused)
         self._groups: set[int] = set()
         self._stop_lock: asyncio.Lock | None = None
@@ -239,6 +251,7 @@ class Supervisor:
             "gpus": self.plan.gpus,
             "launcher_pid": os.getpid(),
             "launched_at": self.launched_at,
+            "stop_requested_at": self.stop_requested_at,
             "updated_at": time.time(),
             "processes": [asdict(st) for st in self.states()],
         }
@@ -255,6 +268,8 @@ class Supervisor:
             self._stop_lock = asyncio.Lock()
         self._stopping = False
         self.user_stopped = False
+        self.stop_requested_at = None
+        self.killed = False
         self.launched_at = time.time()
         self.status = "starting"
         _register(self)
@@ -312,7 +327,8 @@ class Supervisor:
             logf.write(f"[ebft {stamp}] starting {spec.name}: {shlex.join(spec.argv)}\n".encode())
             logf.flush()
             proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
+                *self.lifeline.argv(spec.argv, spec.death_signal, self.stop_grace_s),
+                pass_fds=self.lifeline.pass_fds,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=asyncio.subprocess.STDOUT,
@@ -352,7 +368,8 @@ class Supervisor:
             self._stop_task = asyncio.get_running_loop().create_task(self.stop(reason="cleanup"))
 
     # ----------------------------------------------------------------------------- stop
-    async def _stop_one(self, name: str, grace_s: float) -> None:
+    async def _stop_one(self, name: str, grace_s: float | None) -> None:
+        """SIGTERM the group, wait `grace_s` (None: as long as it takes), SIGKILL, reap."""
         proc = self._procs.get(name)
         if proc is None:
             return
@@ -363,29 +380,47 @@ class Supervisor:
             except asyncio.TimeoutError:
                 signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        await self._reap(proc.pid, grace_s)
+        # what the leader leaves in its group (its lifeline guard for a moment, grandchildren)
+        await self._reap(proc.pid, self.stop_grace_s if grace_s is None else grace_s)
         watcher = self._watchers.get(name)
         if watcher is not None:
             await asyncio.shield(watcher)
 
     async def stop(self, grace_s: float | None = None, reason: Literal["user", "cleanup", "restart"] = "user") -> None:
-        """Stop every process, trainer first, then the server; returns when all groups are empty."""
+        """Stop every process, trainer first, then the server; returns when all groups are empty.
+
+        A user stop or a restart gives the trainer the time it needs to finish its step and
+        checkpoint (unless `grace_s` or `trainer_stop_timeout_s` bounds it); `kill()` cuts it short.
+        Other processes, and every process in a cleanup, get SIGTERM, `grace_s`, SIGKILL."""
         grace = self.stop_grace_s if grace_s is None else grace_s
+        trainer_grace: float | None = grace
+        if reason in ("user", "restart") and grace_s is None:
+            trainer_grace = self.trainer_stop_timeout_s
         if self._stop_lock is None:
             self._stop_lock = asyncio.Lock()
         if reason == "user":
             self.user_stopped = True
         if any(s.alive for s in self._states.values()):
             self._stopping = True
+            if self.stop_requested_at is None:
+                self.stop_requested_at = time.time()
+                tr = self._states.get(self.trainer_name)
+                if reason != "cleanup" and tr is not None and tr.alive:
+                    self._emit("stopping", self.trainer_name,
+                               "stopping: finishing the step, then a checkpoint" if trainer_grace is None
+                               else f"stopping (SIGKILL after {trainer_grace:.0f} s)")
         async with self._stop_lock:
             for spec in reversed(self.plan.processes):
-                await self._stop_one(spec.name, grace)
+                await self._stop_one(spec.name, trainer_grace if spec.name == self.trainer_name else grace)
         self._write_state()
 
     def kill(self) -> None:
         """SIGKILL every group now (second Ctrl+C). A `stop()` in flight then finishes quickly."""
         self._stopping = True
         self.user_stopped = True
+        self.killed = True
+        if self.stop_requested_at is None:
+            self.stop_requested_at = time.time()
         for pgid in list(self._groups):
             signal_group(pgid, signal.SIGKILL)
 
@@ -406,13 +441,15 @@ class Supervisor:
             await asyncio.gather(*watchers, return_exceptions=True)
             if self._stop_task is not None:
                 await asyncio.gather(self._stop_task, return_exceptions=True)
+            if self._restarting:  # the old children ended because of a restart: follow the new ones
+                continue
             if not any(s.alive for s in self._states.values()) and all(w.done() for w in self._watchers.values()):
                 break
         self._write_state()
         rc = self._states[self.trainer_name].returncode
         if rc is None:
             return 1
-        return 128 - rc if rc < 0 else rc
+        return exit_code(rc)
 
     async def restart(self) -> None:
         """Stop everything and start the plan again (the engine resumes from its last checkpoint)."""

@@ -4,7 +4,8 @@ Non-blocking and poll-based (toolong polls too): the file is opened lazily (it m
 yet), read from the last offset, split on newlines, and an incomplete last line waits in a buffer
 for the next read (torn writes). If the file shrinks (truncated) or is replaced (new inode), it is
 read again from the start. Lines of `metrics.jsonl` that are not JSON objects are skipped and
-counted.
+counted, and so are records whose fields have the wrong type (`events.record_problem`: a string
+where a number belongs, a list for `step`...).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 from collections import deque
 from pathlib import Path
 from typing import Any, AsyncIterator
+
+from ebft_tui.runs.events import record_problem
 
 MAX_READ = 8 * 1024 * 1024  # bytes per read_new() call, so a huge backlog cannot stall a UI frame
 
@@ -95,7 +98,7 @@ class JsonlFollower(_LineFollower):
             except (json.JSONDecodeError, UnicodeDecodeError):
                 self.n_invalid += 1
                 continue
-            if isinstance(rec, dict):
+            if record_problem(rec) is None:
                 out.append(rec)
             else:
                 self.n_invalid += 1

@@ -66,11 +66,13 @@ class RunEvent(Message):
 class RunFinished(Message):
     """The supervised run ended: the trainer's exit code (None when stopped before it ran)."""
 
-    def __init__(self, returncode: int | None, stopped_by_user: bool, launch_error: str | None = None) -> None:
+    def __init__(self, returncode: int | None, stopped_by_user: bool, launch_error: str | None = None,
+                 killed: bool = False) -> None:
         super().__init__()
         self.returncode = returncode
         self.stopped_by_user = stopped_by_user
         self.launch_error = launch_error
+        self.killed = killed
 
 
 @dataclass
@@ -81,3 +83,6 @@ class RunRequest:
     overrides: list[str] = field(default_factory=list)
     gpus: list[int] = field(default_factory=list)
     mode: str | None = None
+    run_dir: Any = None  # None: the config's output_dir
+    fresh: bool = False  # start over: the engine deletes the earlier run in run_dir
+    decided: bool = False  # the user already chose what to do with an earlier run there

@@ -27,10 +27,12 @@ def main() -> int:
     ap.add_argument("--exit-early", type=int, default=None, help="print an error and exit with this code")
     ap.add_argument("--ignore-sigterm", action="store_true")
     ap.add_argument("--report", default=None)
+    ap.add_argument("--no-watchdog", action="store_true", help="leave launcher death to the lifeline alone")
     args = ap.parse_args()
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _watchdog.start()
+    if not args.no_watchdog:
+        _watchdog.start()
     print(f"fake server loading on port {args.port}", flush=True)
     if args.report:
         Path(args.report).write_text(json.dumps({

@@ -2,7 +2,12 @@
 
     python tests/fakes/fake_trainer.py --out DIR [--steps 5] [--interval 0.05] [--torn]
         [--nan-at K] [--crash-after K] [--exit-code C] [--ignore-sigterm] [--grandchild]
-        [--grandchild-ignores-term] [--report FILE] [--hang]
+        [--grandchild-ignores-term] [--report FILE] [--hang] [--graceful] [--phases] [--no-watchdog]
+        [--bad-records]
+
+--graceful behaves like the engine on SIGTERM: finish the step in progress, write a checkpoint and
+a `stopped` status, exit 143. --phases writes `phase` records (generating, scoring, training)
+within each step. --no-watchdog leaves launcher death to the lifeline alone.
 """
 
 from __future__ import annotations
@@ -35,11 +40,22 @@ def main() -> int:
     ap.add_argument("--report", default=None, help="write pid/pgid/stdin/env/grandchild pid here (JSON)")
     ap.add_argument("--hang", action="store_true", help="after the steps, sleep until killed")
     ap.add_argument("--warning-at", type=int, default=None)
+    ap.add_argument("--graceful", action="store_true")
+    ap.add_argument("--phases", action="store_true")
+    ap.add_argument("--no-watchdog", action="store_true")
+    ap.add_argument("--bad-records", action="store_true", help="also write records with wrongly typed fields")
     args = ap.parse_args()
 
+    stop = {"asked": False}
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _watchdog.start()
+    elif args.graceful:
+        def on_term(signum, frame):
+            stop["asked"] = True
+            print("SIGTERM: stopping after this step (checkpoint, then exit)", flush=True)
+        signal.signal(signal.SIGTERM, on_term)
+    if not args.no_watchdog:
+        _watchdog.start()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -82,7 +98,12 @@ def main() -> int:
     write({"event": "status", "phase": "training", "step": 0, "message": "fake training"})
     print("fake trainer started", flush=True)
     for step in range(1, args.steps + 1):
-        time.sleep(args.interval)
+        if args.phases:
+            for phase in ("generating", "scoring", "training"):
+                write({"event": "phase", "phase": phase, "step": step})
+                time.sleep(args.interval / 3)
+        else:
+            time.sleep(args.interval)
         align = 0.2 + 0.05 * step
         rec = {
             "event": "metrics", "step": step, "max_steps": args.steps,
@@ -93,6 +114,9 @@ def main() -> int:
         if args.nan_at == step:
             rec["ebft/cfm_loss"] = None
         write(rec)
+        if args.bad_records:
+            write({"event": "metrics", "step": [step], "ebft/alignment": 9.0})
+            write({"event": "metrics", "step": step, "ebft/alignment": "high"})
         if args.warning_at == step:
             write({"event": "warning", "step": step, "metric": "ebft/alignment",
                    "message": "alignment stays below 0.1", "hint": "Try different feature_layers"})
@@ -101,10 +125,18 @@ def main() -> int:
             write({"event": "error", "step": step, "message": "fake crash", "hint": "none"})
             print("fake trainer crashing", file=sys.stderr, flush=True)
             return args.exit_code
+        if stop["asked"]:
+            write({"event": "status", "phase": "checkpoint", "step": step, "message": "saving"})
+            write({"event": "checkpoint", "step": step, "path": f"checkpoints/step-{step:06d}"})
+            write({"event": "status", "phase": "stopped", "step": step, "message": "stopped by SIGTERM"})
+            print(f"stopped at step {step}", flush=True)
+            return 128 + signal.SIGTERM
     write({"event": "status", "phase": "done", "step": args.steps, "message": "finished"})
     if args.hang:
-        while True:
-            time.sleep(1)
+        while not stop["asked"]:
+            time.sleep(0.1)
+        write({"event": "status", "phase": "stopped", "step": args.steps, "message": "stopped by SIGTERM"})
+        return 128 + signal.SIGTERM
     if grandchild is not None:
         grandchild.terminate()
         grandchild.wait()

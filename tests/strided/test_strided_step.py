@@ -67,7 +67,10 @@ def test_run_step_with_lora():
     assert stepper.feature_model is None  # LoRA: the same model with adapters off
     rows = rows_of([(40, None), (30, 10), (25, 0), (12, 3)])
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    phases: list[str] = []
+    stepper.on_phase = phases.append  # what train.py turns into `phase` log records
     result = stepper.run_step(rows, step=1)
+    assert phases[:3] == ["generating", "scoring", "training"] and len(phases) % 3 == 0  # per micro-batch
 
     assert not result.skipped and result.n_tokens > 0
     for key in SPEC_METRICS:

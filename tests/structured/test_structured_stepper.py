@@ -68,6 +68,8 @@ def test_sync_end_to_end_against_the_hf_server(tiny_model_dir, tiny_server, tmp_
     model, tok, dev, dt = build(cfg)
     stepper = StructuredStepper(cfg, model, tok, dev, dt)
     assert stepper.rows_per_step == 4 * 2 // 4
+    phases: list[str] = []
+    stepper.on_phase = phases.append  # what train.py turns into `phase` log records
     loop = Loop(stepper, model, ROWS)
 
     def only_lora_grads(result):
@@ -78,6 +80,7 @@ def test_sync_end_to_end_against_the_hf_server(tiny_model_dir, tiny_server, tmp_
 
     results = [loop.step(s, only_lora_grads) for s in (1, 2, 3)]
     stepper.close()
+    assert phases == ["generating", "scoring", "training"] * 3
     for r in results:
         for key in SPEC_METRICS:
             assert key in r.metrics and math.isfinite(r.metrics[key]), key

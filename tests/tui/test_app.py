@@ -9,6 +9,7 @@ supervisor, the followers and the processes are the real ones.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -27,11 +28,12 @@ from ebft_tui.system.gpus import GpuInfo
 from ebft_tui.tui.app import EbftApp
 from ebft_tui.tui.messages import MetricsBatch
 from ebft_tui.tui.screens.config_form import ConfigFormScreen, override_item, parse_text
-from ebft_tui.tui.screens.confirm import ConfirmScreen
+from ebft_tui.tui.screens.confirm import ChoiceScreen, ConfirmScreen
 from ebft_tui.tui.screens.gpu_picker import GpuPickerScreen
 from ebft_tui.tui.screens.presets import PresetsScreen
 from ebft_tui.tui.screens.run import RunScreen
 from ebft_tui.tui.widgets.metric_card import MetricCard
+from ebft_tui.tui.widgets.metric_plot import MetricPlot
 from ebft_tui.tui.widgets.process_table import ProcessTable
 
 pytestmark = pytest.mark.timeout(120)
@@ -145,7 +147,7 @@ async def test_pick_edit_start_watch_stop_quit(tmp_path, preset, other_preset):
     run_dir = tmp_path / "run"
     plans: list[tuple] = []
 
-    def plan_factory(config, overrides, gpus):
+    def plan_factory(config, overrides, gpus, **kw):
         plans.append((Path(config), list(overrides), list(gpus)))
         return trainer_plan(run_dir, steps=6, extra=("--hang", "--grandchild"))
 
@@ -199,13 +201,17 @@ async def test_pick_edit_start_watch_stop_quit(tmp_path, preset, other_preset):
         assert not stride.has_class("-invalid")
         assert form.overrides() == ["ebft.stride=16"]
 
-        # 6. Start -> GPU picker: no GPU on this machine, so it says the run uses the CPU.
+        # 6. Start -> GPU picker: no GPU on this machine, so it says the run uses the CPU, and as
+        # the preset is made for a GPU, what that means; the focus is on Cancel, not Launch.
         await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: isinstance(app.screen, GpuPickerScreen), what="the GPU picker")
         picker = app.screen
         await wait_for(pilot, lambda: picker.gpus is not None, what="the GPU list")
-        assert "this run will use the CPU" in str(picker.query_one("#gpu-none").content)
-        await pilot.press("enter")
+        text = str(picker.query_one("#gpu-none").content)
+        assert "this run will use the CPU" in text and "made for 1 GPU(s)" in text and "*-cpu preset" in text
+        assert app.focused is picker.query_one("#cancel")
+        assert "anyway" in str(picker.query_one("#launch").label)
+        await pilot.press("ctrl+s")
         await wait_for(pilot, lambda: isinstance(app.screen, RunScreen), what="the run screen")
         assert plans == [(preset.path, ["ebft.stride=16"], [])]
 
@@ -265,15 +271,52 @@ async def test_quit_while_running_confirms_then_stops_children(tmp_path):
                        what="the trainer's steps")
         pids = child_pids(run_dir)
         await pilot.press("ctrl+q")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the quit confirmation")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the quit question")
         await pilot.press("escape")  # changed my mind
         await pilot.pause()
         assert app.is_running and all(_alive(p) for p in pids)
         await pilot.press("ctrl+q")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the quit confirmation")
-        await pilot.press("y")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the quit question")
+        await pilot.press("s")  # stop it & quit
         await wait_for(pilot, lambda: not app.is_running, what="the app to exit")
     assert_all_dead(pids)
+    assert not (run_dir / "launcher.lock").exists()  # the keeper let go of the run dir
+
+
+async def test_quit_can_leave_the_run_going_and_watch_follows_it(tmp_path):
+    """Leave it running: the keeper carries on without the app, holds the run dir, and a SIGTERM
+    to it (what stopping a detached run means) stops the run the graceful way."""
+    from ebft_tui.runs.lock import live_holder
+
+    run_dir = tmp_path / "run"
+    app = EbftApp(plan=trainer_plan(run_dir, steps=2, extra=("--hang", "--grandchild")),
+                  install_signal_handlers=False)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.screen
+        await wait_for(pilot, lambda: (run_dir / "report.json").exists() and screen.history.step == 2,
+                       what="the trainer's steps")
+        pids = child_pids(run_dir)
+        keeper = app.run_control.keeper_pid
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the quit question")
+        await pilot.press("l")
+        await wait_for(pilot, lambda: not app.is_running, what="the app to exit")
+    assert app.return_value == 0 and app.detached_run == run_dir
+    try:
+        await asyncio.sleep(0.5)
+        assert all(_alive(p) for p in [keeper, *pids]), "leaving the run going stopped it"
+        holder = live_holder(run_dir)
+        assert holder is not None and holder.pid == keeper
+        os.kill(keeper, signal.SIGTERM)
+        assert_all_dead([*pids, keeper], timeout=20)
+        assert json.loads((run_dir / "state.json").read_text())["status"] == "stopped"
+        assert not (run_dir / "launcher.lock").exists()
+    finally:
+        for p in [keeper, *pids]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 async def test_restart_replaces_the_children(tmp_path):
@@ -295,8 +338,8 @@ async def test_restart_replaces_the_children(tmp_path):
         assert_all_dead(first)
         assert app.run_control.alive and screen.finished is None
         await pilot.press("ctrl+q")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the quit confirmation")
-        await pilot.press("y")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChoiceScreen), what="the quit question")
+        await pilot.press("s")
         await wait_for(pilot, lambda: not app.is_running, what="the app to exit")
     assert_all_dead(second)
 
@@ -325,7 +368,8 @@ async def test_run_ends_on_its_own_and_nan_is_counted(tmp_path):
         cfm = screen.card("ebft/cfm_loss")  # the last value was null: shown as nan, red, counted
         assert "1 NaN" in str(cfm.query_one(".card-foot").content)
         assert str(cfm.query_one(".card-value").content) == "nan" and cfm.has_class("-bad")
-        assert list(cfm.query_one("Sparkline").data) == pytest.approx([4.9, 4.8, 4.7, 4.6])
+        plotted = cfm.query_one(MetricPlot).series[0]  # the NaN of step 5 is counted, not drawn
+        assert plotted.values == pytest.approx([4.9, 4.8, 4.7, 4.6]) and plotted.steps == [1, 2, 3, 4]
         assert "finished" in str(screen.query_one("#run-state").content)
         assert screen.query_one("#log-trainer").total_lines >= 5  # the trainer's stdout, followed
         await pilot.press("ctrl+q")  # no run alive: exits at once
@@ -406,7 +450,7 @@ async def test_watch_mode_is_read_only_and_shows_hints(tmp_path):
         assert "finished" in str(screen.query_one("#run-state").content)
         assert screen.query_one("#log-trainer").total_lines == 2
         # Read-only: stop and restart are not offered.
-        assert screen.check_action("stop", ()) is None and screen.check_action("restart", ()) is None
+        assert screen.check_action("stop", ()) is False and screen.check_action("restart", ()) is False
         await pilot.press("s")
         await pilot.pause()
         assert not isinstance(app.screen, ConfirmScreen)

@@ -57,19 +57,33 @@ def test_cat_resolved_applies_overrides():
     assert cfg["max_steps"] == 3 and cfg["ebft"]["mode"] == "strided"
 
 
-def test_cp_copies_and_respects_no_clobber(tmp_path):
+def test_cp_copies_and_refuses_to_overwrite_without_force(tmp_path):
     name = demo_preset()
     dest = tmp_path / "sub" / "mine.yaml"
     res = runner.invoke(app, ["cp", name, str(dest)])
     assert res.exit_code == 0, res.output
     original = dest.read_text()
     dest.write_text("# edited\n")
-    res = runner.invoke(app, ["cp", name, str(dest), "--no-clobber"])
-    assert res.exit_code == 0 and dest.read_text() == "# edited\n" and "not overwritten" in res.stderr
-    runner.invoke(app, ["cp", name, str(dest)])
-    assert dest.read_text() == original
-    res = runner.invoke(app, ["cp", name, str(tmp_path)])  # a folder: keeps the preset's file name
-    assert (tmp_path / f"{name}.yaml").exists()
+    res = runner.invoke(app, ["cp", name, str(dest)])
+    assert res.exit_code == 2 and dest.read_text() == "# edited\n"
+    assert "exists" in res.stderr and "--force" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, ["cp", name, str(dest), "--force"])
+    assert res.exit_code == 0 and dest.read_text() == original
+
+
+def test_ls_at_80_columns_keeps_preset_names_whole(monkeypatch):
+    from rich.console import Console
+
+    import ebft_tui.cli as cli
+
+    console = Console(width=80, force_terminal=True, highlight=False, record=True, color_system=None)
+    monkeypatch.setattr(cli, "out", console)
+    res = runner.invoke(app, ["ls"])
+    assert res.exit_code == 0
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for p in list_presets():
+        assert any(line.startswith(p.name + " ") for line in text.splitlines()), p.name
 
 
 def test_validate_ok_prints_the_resolved_config():
@@ -106,6 +120,29 @@ def test_run_reports_config_problems_before_starting(tmp_path):
     res = runner.invoke(app, ["run", demo_preset(), "--headless", "learning_rate=-1", "--run-dir", str(tmp_path / "r")])
     assert res.exit_code == 2 and "learning_rate" in res.stderr
     assert not (tmp_path / "r" / "state.json").exists()
+
+
+def test_run_and_train_refuse_a_run_dir_held_by_a_live_launcher(tmp_path, monkeypatch):
+    from ebft_tui.runs import lock
+
+    import subprocess
+
+    run_dir = tmp_path / "held"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another launcher
+    lock.acquire(run_dir, pid=other.pid, command="ebft run --headless other")
+    try:
+        res = runner.invoke(app, ["run", demo_preset(), "--headless", "--run-dir", str(run_dir)])
+        assert res.exit_code == 2, res.output
+        assert f"pid {other.pid}" in res.stderr and "ebft watch" in res.stderr and "Traceback" not in res.output
+        assert not (run_dir / "config.yaml").exists() and not (run_dir / "command.txt").exists()  # nothing written
+        monkeypatch.setenv("EBFT_RUN_DIR", str(run_dir))
+        res = runner.invoke(app, ["train", demo_preset()])
+        assert res.exit_code == 2 and "in use by a running launcher" in res.stderr
+        assert not (run_dir / "metrics.jsonl").exists()  # no second trainer
+    finally:
+        lock.release(run_dir, pid=other.pid)
+        other.kill()
+        other.wait()
 
 
 def test_gpus_says_when_there_is_none():

@@ -65,3 +65,10 @@ async def test_watch_screen_shows_the_eval_panel(tmp_path):
         assert panel.has_class("-shown") and panel.display
         assert "base model" in text and "align-run/adapter" in text and "CE 1.147" in text
         await pilot.press("ctrl+q")
+
+
+def test_an_eval_made_during_training_is_labelled_so():
+    during = {"event": "eval", "step": 50, "eval/ce_loss": 1.0, "eval/cfm_loss": 0.4, "eval/pass@1": None,
+              "adapter": None, "in_training": True}
+    assert eval_line(during, None) == "step 50 · training: CE 1.000 · CFM 0.400"
+    assert eval_line(dict(during, in_training=False), None).startswith("step 50 · base model:")

@@ -106,7 +106,7 @@ def test_ctrl_c_once_stops_gracefully(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, out
-    assert "stopping... Ctrl+C again to kill" in out and "run stopped" in out
+    assert "stopping after this step" in out and "Ctrl+C again to kill now" in out and "run stopped" in out
     assert wait_dead([info["pid"], info["grandchild"]]) == []
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["status"] == "stopped" and state["processes"][0]["stopped_by_user"]
@@ -157,3 +157,40 @@ def test_line_helpers():
     ev = SupervisorEvent("failed", "server", 12, 1, "exited with code 1", ["a", "b"])
     assert event_lines(ev) == ["[ebft] server failed: exited with code 1", "[ebft] last lines of server.log:",
                                "    a", "    b"]
+
+
+def test_ctrl_c_lets_a_slow_step_finish_and_checkpoint(tmp_path):
+    """One Ctrl+C during a 3 s step: the trainer finishes it and checkpoints (exit 143, not a kill
+    after the 0.5 s grace, which now bounds only other processes)."""
+    proc = launch(tmp_path, ["--steps", "4", "--interval", "3", "--graceful", "--phases"], grace=0.5)
+    try:
+        read_until(proc, "[training] (step 0)")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert "checkpoint (step 1): checkpoints/step-000001" in out
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["processes"][0]["returncode"] == 128 + signal.SIGTERM and state["status"] == "stopped"
+
+
+def test_live_panel_uses_rich_progress_with_phase():
+    from rich.console import Console
+
+    from ebft_tui.headless import make_progress, render_panel, update_progress
+    from ebft_tui.runs.plan import LaunchPlan
+
+    h = MetricHistory()
+    now = time.time()
+    h.update_many([{"event": "run", "max_steps": 10, "ts": now - 20},
+                   {"event": "metrics", "step": 2, "max_steps": 10, "ts": now - 10, "ebft/alignment": 0.4},
+                   {"event": "metrics", "step": 3, "max_steps": 10, "ts": now - 5, "ebft/alignment": 0.5},
+                   {"event": "phase", "phase": "generating", "step": 4, "ts": now - 2}])
+    progress = make_progress()
+    task = progress.add_task("steps", total=None, phase="")
+    update_progress(progress, task, h)
+    console = Console(width=120, record=True, color_system=None)
+    console.print(render_panel(LaunchPlan(Path("/tmp/x"), "strided", [], None, []), h, [], {}, [], None, "", progress))
+    text = console.export_text()
+    assert "3/10" in text and "generating" in text and "ETA" in text

@@ -239,3 +239,118 @@ async def test_wait_before_start_and_plan_without_server(tmp_path):
     await sup.start()
     assert await sup.wait() == 0
     assert server_spec(tmp_path).ready_url.startswith("http://127.0.0.1:")
+
+
+# ------------------------------------------------------------------ stop keeps its word
+async def test_stop_waits_for_the_step_and_checkpoint_of_a_slow_trainer(tmp_path):
+    """A user stop gives the trainer all the time its step needs: the grace (0.5 s here, shorter
+    than the 3 s step) bounds only the other processes, so the trainer checkpoints and exits 143."""
+    from ebft_tui.runs.tail import read_jsonl
+
+    plan = fake_plan(tmp_path / "run", ("--steps", "5", "--interval", "3", "--graceful", "--phases"))
+    events: list = []
+    sup = Supervisor(plan, on_event=collect(events), stop_grace_s=0.5)
+    await sup.start()
+    metrics = plan.run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 30
+    while not any(r.get("event") == "phase" and r.get("step") == 1 for r in read_jsonl(metrics)):
+        assert time.monotonic() < deadline, "the fake trainer never began its first step"
+        await asyncio.sleep(0.05)
+    await sup.stop()
+    assert sup.state("trainer").returncode == 128 + signal.SIGTERM  # its own exit, not a SIGKILL
+    assert await sup.wait() == 128 + signal.SIGTERM
+    recs = read_jsonl(metrics)
+    assert [r["step"] for r in recs if r["event"] == "checkpoint"] == [1]
+    assert recs[-1]["event"] == "status" and recs[-1]["phase"] == "stopped"
+    assert ("stopping", "trainer") in [(e.kind, e.name) for e in events]
+    state = json.loads((plan.run_dir / "state.json").read_text())
+    assert state["status"] == "stopped" and state["stop_requested_at"]
+
+
+async def test_kill_cuts_a_graceful_stop_short(tmp_path):
+    plan = fake_plan(tmp_path / "run", ("--steps", "3", "--interval", "60", "--graceful",
+                                        "--report", str(tmp_path / "t.json")))
+    sup = Supervisor(plan, stop_grace_s=0.5)
+    await sup.start()
+    info = await asyncio.to_thread(wait_for_file, tmp_path / "t.json")
+    stopping = asyncio.create_task(sup.stop())
+    while sup.stop_requested_at is None:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    assert not stopping.done()  # still waiting for the 60 s step: no SIGKILL behind our back
+    sup.kill()
+    await asyncio.wait_for(stopping, 20)
+    assert sup.state("trainer").returncode == -signal.SIGKILL and sup.killed
+    assert await sup.wait() == 128 + signal.SIGKILL
+    assert wait_dead([info["pid"]], 5) == []
+
+
+# -------------------------------------------------------------- lifeline (PR_SET_PDEATHSIG)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_sigkilled_launcher_takes_children_and_grandchildren_without_any_watchdog(tmp_path):
+    """The fakes' own parent watchdog is off and everything ignores SIGTERM: only the lifeline
+    (the death signal of each child, and the guard of each group) can end them."""
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER.format(tests=str(REPO / "tests"), run_dir=str(tmp_path / "run"), mode="sigkill")
+                      .replace('"--grandchild", ', '"--grandchild", "--grandchild-ignores-term", "--ignore-sigterm", '
+                               '"--no-watchdog", ')
+                      .replace('("--report", str(rd / "s.json"))', '("--report", str(rd / "s.json"), "--no-watchdog")'))
+    launcher = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                                stdin=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        assert launcher.stdout.readline().strip() == "started"
+        t = wait_for_file(tmp_path / "run" / "t.json")
+        s = wait_for_file(tmp_path / "run" / "s.json")
+        pids = [t["pid"], t["grandchild"], s["pid"]]
+        assert wait_dead(pids, 0.2) == pids, "the children died before the launcher"
+        launcher.kill()
+        launcher.wait(20)
+        assert wait_dead(pids, 15) == []
+        assert group_gone(t["pgid"]) and group_gone(s["pgid"])
+    finally:
+        kill_quietly([launcher.pid, *pids])
+
+
+def test_lifeline_shim_runs_the_real_program_with_its_pid_and_exit_code(tmp_path):
+    from ebft_tui.runs.lifeline import Lifeline, exit_code, unguard_argv
+
+    line = Lifeline()
+    argv = [sys.executable, "-c", "import os,sys; print(os.getpid(), os.environ.get('EBFT_PDEATHSIG')); sys.exit(7)"]
+    wrapped = line.argv(argv, signal.SIGTERM)
+    assert unguard_argv(wrapped) == argv
+    proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, text=True, pass_fds=line.pass_fds)
+    out, _ = proc.communicate(timeout=30)
+    pid, sig = out.split()
+    assert int(pid) == proc.pid and int(sig) == signal.SIGTERM and proc.returncode == 7
+    assert exit_code(-9) == 137 and exit_code(3) == 3
+    line.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_sigkilled_ebft_train_wrapper_takes_the_engine_with_it(tmp_path):
+    """`ebft train` runs the engine in the foreground; SIGKILL the wrapper and the engine (whose
+    own watchdog is off: no EBFT_PARENT_PID) is gone too."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "EBFT_PARENT_PID"}
+    env.update(EBFT_RUN_DIR=str(tmp_path / "run"), PYTHONPATH=str(REPO))
+    wrapper = subprocess.Popen([sys.executable, "-m", "ebft_tui", "train", "smollm2-135m-strided-cpu"], cwd=tmp_path,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    engine: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not engine:
+            assert time.monotonic() < deadline and wrapper.poll() is None, "the engine did not start"
+            try:
+                engine = [p.pid for p in psutil.Process(wrapper.pid).children(recursive=True)
+                          if p.cmdline()[1:3] == ["-m", "ebft_engine"]]  # exec'd, past the shim
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        wrapper.kill()
+        wrapper.wait(20)
+        assert wait_dead(engine, 15) == []
+    finally:
+        wrapper.kill()
+        kill_quietly(engine)

@@ -253,7 +253,8 @@ class ConfigFormScreen(Screen):
 
     BINDINGS = [
         Binding("ctrl+s", "start", "Start", priority=True),
-        Binding("slash", "find", "Find field"),
+        Binding("ctrl+f", "find", "Find field", priority=True),
+        Binding("slash", "find", "Find field", show=False),  # only where no text field has focus
         Binding("escape", "back", "Back"),
     ]
 
@@ -288,7 +289,7 @@ class ConfigFormScreen(Screen):
         with Horizontal(id="form-top"):
             yield Static(f"[b]{self.preset.name}[/b] · {self.preset.mode}",
                          id="form-title")
-            yield Input(placeholder="/ find a field", id="form-filter", compact=True)
+            yield Input(placeholder="ctrl+f find a field", id="form-filter", compact=True)
             yield Static("checking…", id="form-status")
             yield Button("Start ▶", id="start", variant="success", disabled=True, compact=True)
         yield Static("", id="form-problems")
@@ -505,11 +506,26 @@ class ConfigFormScreen(Screen):
         self.query_one("#form-filter", Input).focus()
 
     def action_back(self) -> None:
+        """Esc clears the find box first; with edits, it asks before dropping them."""
+        from ebft_tui.tui.screens.confirm import ConfirmScreen
+
         flt = self.query_one("#form-filter", Input)
         if flt.value:
             flt.value = ""
             return
-        self.app.pop_screen()
+        changed = self.overrides()
+        if not changed:
+            self.app.pop_screen()
+            return
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.app.pop_screen()
+
+        n = len(changed)
+        self.app.push_screen(ConfirmScreen(
+            f"Drop your {n} change{'s' if n != 1 else ''} ({', '.join(c.split('=')[0] for c in changed[:4])}"
+            f"{', …' if n > 4 else ''}) and go back to the presets?", yes="Drop changes", no="Keep editing"), answer)
 
     def row(self, key: str) -> FieldRow:
         return self.rows[key]

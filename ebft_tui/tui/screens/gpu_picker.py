@@ -18,6 +18,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, SelectionList, Static
 from textual.widgets.selection_list import Selection
 
+from ebft_tui.overrides import get_path
+
 FREE_UTIL_PERCENT = 10.0
 FREE_MEM_FRACTION = 0.10
 
@@ -27,6 +29,25 @@ def gpus_needed(mode: str | None, preset_gpus: int | None = None) -> int:
     if preset_gpus is not None and preset_gpus <= 0:
         return 0
     return 1 if (mode or "").startswith("strided") else 2
+
+
+def cpu_fallback_warning(config: dict[str, Any] | None, mode: str | None, preset_gpus: int | None) -> str | None:
+    """What happens when a preset made for GPUs (or a vLLM server) is launched on a machine
+    without any; None when the preset is meant for the CPU."""
+    if not preset_gpus:
+        return None  # a CPU preset
+    cfg = config or {}
+    structured = not (mode or "").startswith("strided")
+    vllm = structured and str(get_path(cfg, "vllm.backend", "vllm") or "vllm") == "vllm" \
+        and get_path(cfg, "trl.use_vllm", True) is not False
+    model = get_path(cfg, "base_model", None) or "the model"
+    lines = [f"This preset is made for {preset_gpus} GPU(s), and this machine has none."]
+    if vllm:
+        lines.append("It generates with a vLLM server, which needs a GPU: the server will fail to start "
+                     "(use vllm.backend: hf to generate with transformers on the CPU).")
+    lines.append(f"Training {model} on the CPU is very slow (a step can take many minutes) and may run "
+                 "out of memory. For a try-out, pick a *-cpu preset.")
+    return " ".join(lines)
 
 
 def looks_free(gpu: Any) -> bool:
@@ -57,6 +78,7 @@ class GpuPickerScreen(ModalScreen[list[int] | None]):
     }
     GpuPickerScreen SelectionList { height: auto; max-height: 12; margin: 1 0; }
     GpuPickerScreen #gpu-none { color: $warning; text-style: bold; margin: 1 0; }
+    GpuPickerScreen #gpu-none.-danger { color: $error; }
     GpuPickerScreen #gpu-check { height: auto; margin-bottom: 1; }
     GpuPickerScreen #gpu-check.-bad { color: $error; }
     GpuPickerScreen #gpu-check.-ok { color: $success; }
@@ -70,12 +92,16 @@ class GpuPickerScreen(ModalScreen[list[int] | None]):
     ]
 
     def __init__(self, mode: str | None, needed: int,
-                 list_gpus: Callable[[], Sequence[Any]]) -> None:
+                 list_gpus: Callable[[], Sequence[Any]], config: dict[str, Any] | None = None,
+                 preset_gpus: int | None = None) -> None:
         super().__init__()
         self.mode = mode or "?"
         self.needed = needed
         self.list_gpus = list_gpus
+        self.config = config
+        self.preset_gpus = preset_gpus if preset_gpus is not None else needed
         self.gpus: list[Any] | None = None
+        self.warning: str | None = None
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -108,13 +134,18 @@ class GpuPickerScreen(ModalScreen[list[int] | None]):
             none.update("This preset runs on the CPU: no GPU is used.")
             gpus = []
         elif not gpus:
-            none.update("No GPU found (no NVIDIA driver / NVML): this run will use the CPU.")
+            self.warning = cpu_fallback_warning(self.config, self.mode, self.preset_gpus)
+            none.update("No GPU found (no NVIDIA driver / NVML): this run will use the CPU."
+                        + (f"\n\n{self.warning}" if self.warning else ""))
+            none.set_class(self.warning is not None, "-danger")
         if not gpus:
             none.display = True
             self.query_one("#gpu-check", Static).update("")
-            self.query_one("#launch", Button).disabled = False
-            self.query_one("#launch", Button).label = "Launch on CPU ▶"
-            self.query_one("#launch", Button).focus()
+            launch = self.query_one("#launch", Button)
+            launch.disabled = False
+            launch.label = "Launch on CPU anyway ▶" if self.warning else "Launch on CPU ▶"
+            launch.variant = "error" if self.warning else "success"
+            (self.query_one("#cancel", Button) if self.warning else launch).focus()
             return
         none.display = False
         selection.display = True

@@ -1,7 +1,8 @@
 """The preset picker: a filterable table of presets beside a YAML preview of the highlighted one.
 
 Typing goes to the filter (name, mode, model, description); up/down move the highlight; Enter
-opens the parameter editor for the highlighted preset (code_browser / toolong layout).
+opens the parameter editor for the highlighted preset (code_browser / toolong layout). Enter is
+a priority binding, so the footer shows it although the filter has focus.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class PresetsScreen(Screen):
     BINDINGS = [
         Binding("down", "move(1)", "Next", show=False),
         Binding("up", "move(-1)", "Previous", show=False),
-        Binding("enter", "open", "Edit & run"),
+        Binding("enter", "open", "Edit & run", priority=True),
         Binding("escape", "clear_filter", "Clear filter"),
     ]
 

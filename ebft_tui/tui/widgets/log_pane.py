@@ -1,4 +1,7 @@
-"""A child's log (trainer.log / server.log) as it grows: a bounded `Log` that follows the end."""
+"""A child's log (trainer.log / server.log) as it grows: a bounded `Log` that follows the end.
+
+Long lines scroll horizontally (a wrapped traceback is harder to read than a wide one);
+`find_next` searches, pauses following and scrolls the match into view."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ class LogPane(Log):
         super().__init__(max_lines=MAX_LINES, auto_scroll=True, highlight=False, **kwargs)
         self.source = source
         self.total_lines = 0
+        self._last_match: int | None = None
 
     def add_lines(self, lines: Iterable[str]) -> None:
         lines = [line.rstrip("\n") for line in lines]
@@ -32,3 +36,18 @@ class LogPane(Log):
         if self.auto_scroll:
             self.scroll_end(animate=False)
         return self.auto_scroll
+
+    def find_next(self, text: str) -> tuple[int, int] | None:
+        """Scroll to the next line (after the last match, wrapping) containing `text`, ignoring
+        case; (line index, number of matching lines), or None when no line has it."""
+        needle = text.lower()
+        lines = list(self.lines)
+        hits = [i for i, line in enumerate(lines) if needle in line.lower()]
+        if not hits:
+            return None
+        after = self._last_match if self._last_match is not None else -1
+        index = next((i for i in hits if i > after), hits[0])
+        self._last_match = index
+        self.auto_scroll = False
+        self.scroll_to(y=max(0, index - self.size.height // 2), animate=False)
+        return index, len(hits)

@@ -1,4 +1,4 @@
-"""One metric of the run: label, last value, trend arrow, sparkline, min/max and NaN count.
+"""One metric of the run: label, last value, trend arrow, a step/value plot, min/max and NaN count.
 
 The card renders what `MetricHistory` computed (series, trend, health); it keeps no history of its
 own. Colours: the value and the card's border follow the spec's healthy range (green good, yellow
@@ -12,8 +12,12 @@ import math
 from typing import Any
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Sparkline, Static
+from textual.message import Message
+from textual.widgets import Static
+
+from ebft_tui.tui.widgets.metric_plot import MetricPlot, series_from
 
 ARROWS = {1: "↑", -1: "↓", 0: "→"}
 ASCII_ARROWS = {1: "^", -1: "v", 0: "="}
@@ -62,8 +66,16 @@ def finite(values: Any) -> list[float]:
     return out
 
 
-class MetricCard(Vertical):
-    """A card for one `MetricSpec`; call `show(series, health)` with fresh state."""
+class MetricCard(Vertical, can_focus=True):
+    """A card for one `MetricSpec`; call `show(series, health)` with fresh state. Enter (or a
+    click) posts `MetricCard.Open`: the screen shows the metric full-screen."""
+
+    BINDINGS = [Binding("enter", "open", "Open plot")]
+
+    class Open(Message):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
 
     DEFAULT_CSS = """
     MetricCard {
@@ -73,6 +85,7 @@ class MetricCard(Vertical):
         border-title-color: $text;
         padding: 0 1;
     }
+    MetricCard:focus { background-tint: $foreground 8%; }
     MetricCard.-good { border: round $success; }
     MetricCard.-warn { border: round $warning; }
     MetricCard.-bad { border: round $error; }
@@ -85,8 +98,11 @@ class MetricCard(Vertical):
     MetricCard .card-arrow.-with { color: $success; }
     MetricCard .card-arrow.-against { color: $error; }
     MetricCard .card-arrow.-flat { color: $text-muted; }
-    MetricCard Sparkline { height: 1fr; min-height: 2; margin: 0; }
+    MetricCard MetricPlot { height: 1fr; min-height: 3; margin: 0; }
     MetricCard .card-foot { color: $text-muted; height: 2; }
+    MetricCard.-compact { min-height: 4; }
+    MetricCard.-compact MetricPlot { display: none; }
+    MetricCard.-compact .card-foot { height: 1; }
     """
 
     def __init__(self, spec: Any, *, ascii_only: bool = False, **kwargs: Any) -> None:
@@ -96,6 +112,8 @@ class MetricCard(Vertical):
         self.last: float | None = None
         self.arrow: str = ""
         self.health: str = "-unknown"
+        self.values: list[float] = []
+        self.series: Any = None
         want = desired_sign(getattr(spec, "desired", None))
         arrows = ASCII_ARROWS if ascii_only else ARROWS
         self.border_title = spec.label + (f" (want {arrows[want]})" if want else "")
@@ -105,7 +123,7 @@ class MetricCard(Vertical):
         with Horizontal(classes="card-row"):
             yield Static("—", classes="card-value")
             yield Static("", classes="card-arrow")
-        yield Sparkline([], summary_function=lambda xs: xs[-1])
+        yield MetricPlot(compact=True)
         yield Static("\n" + self._healthy_text(), classes="card-foot")
 
     def _healthy_text(self) -> str:
@@ -136,11 +154,29 @@ class MetricCard(Vertical):
         for cls in HEALTH_CLASSES:
             self.set_class(cls == self.health, cls)
 
-        self.query_one(Sparkline).data = values
+        self.values = values
+        if not self.has_class("-compact"):
+            self.query_one(MetricPlot).show([series_from(self.spec.label, series)])
+        self.series = series
         stats = []
         if values:
             stats.append(f"min {self.spec.format(min(values))} · max {self.spec.format(max(values))}")
         n_bad = getattr(series, "n_nonfinite", 0) or 0
         if n_bad:
             stats.append(f"{n_bad} NaN")
-        self.query_one(".card-foot", Static).update("\n".join([" · ".join(stats), self._healthy_text()]))
+        foot = [" · ".join(stats), self._healthy_text()]
+        if self.has_class("-compact"):  # one short line: the range seen so far, and NaNs
+            short = [f"{self.spec.format(min(values))}…{self.spec.format(max(values))}"] if values else []
+            foot = [" · ".join(short + ([f"{n_bad} NaN"] if n_bad else []))]
+        self.query_one(".card-foot", Static).update("\n".join(foot))
+
+    def set_compact(self, compact: bool) -> None:
+        self.set_class(compact, "-compact")
+        if not compact and self.series is not None:
+            self.query_one(MetricPlot).show([series_from(self.spec.label, self.series)])
+
+    def action_open(self) -> None:
+        self.post_message(self.Open(self.spec.key))
+
+    def on_click(self) -> None:
+        self.post_message(self.Open(self.spec.key))
