@@ -314,6 +314,7 @@ def test_full_finetune_end_to_end(tiny_model_dir, tiny_server, tmp_path):
     """No adapter: a frozen feature copy, all weights train, reload_weights publishes them."""
     url, log = tiny_server
     cfg = structured_config(tiny_model_dir, port_of(url), tmp_path / "run", adapter=None,
+                            lora_r=None, lora_alpha=None, lora_target_linear=None,  # unset: no adapter
                             max_steps=3, trl={"vllm_lora_sync": False})
     model, tok, dev, dt = build(cfg)
     stepper = StructuredStepper(cfg, model, tok, dev, dt)
