@@ -102,16 +102,16 @@ def _cuda_without_torch() -> str | None:
         libcuda = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return "no NVIDIA driver is installed (libcuda.so.1 not found)"
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    no_device = "no CUDA device is visible" + (f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else "")
     status = libcuda.cuInit(0)
     if status == 100:  # CUDA_ERROR_NO_DEVICE
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return "no CUDA device is visible" + (f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else "")
+        return no_device
     if status != 0:
         return f"the NVIDIA driver did not initialise (cuInit error {status})"
     count = ctypes.c_int(0)
     if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return "no CUDA device is visible" + (f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else "")
+        return no_device
     return None
 
 
