@@ -1356,12 +1356,13 @@ _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lor
 
 
 def _lora_keys_need_an_adapter(cfg: EbftConfig, found: _Findings) -> None:
+    """A warning, not an error (axolotl accepts it too): `adapter=null` on the command line is how a
+    user turns a LoRA preset into full fine-tuning, and the preset's lora_* keys cannot be unset there."""
     changed = _changed(cfg, _LORA_KEYS)
     if cfg.adapter is None and changed:
         keys = ", ".join(f"`{k}`" for k in changed)
-        found.bad("adapter", f"{keys} set without `adapter`: without it the whole model is fine-tuned and the "
-                              "LoRA settings do nothing. Add `adapter: lora`, or remove them for full "
-                              "fine-tuning.")
+        found.warn(f"{keys} set without `adapter`: the whole model is fine-tuned and the LoRA settings do "
+                   "nothing. Add `adapter: lora` to train LoRA adapters instead.")
 
 
 def _inert_schema_keys_warn(cfg: EbftConfig, found: _Findings) -> None:

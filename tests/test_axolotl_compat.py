@@ -254,7 +254,6 @@ def test_a_strategy_without_its_interval_takes_the_transformers_default(tmp_path
     ({"torch_dtype": "float32", "bf16": True}, "torch_dtype", ["bf16"]),
     ({"bf16": True, "fp16": True}, "fp16", ["bf16"]),
     ({"warmup_steps": 2, "warmup_ratio": 0.1}, "warmup_ratio", ["warmup_steps"]),
-    ({"lora_r": 8}, "adapter", ["lora_r"]),
     ({"eval_pass_at_1": True}, "eval_pass_at_1", ["test_datasets"]),
     ({"save_strategy": "best"}, "save_strategy", ["save_steps", "eval_steps"]),
     ({"save_steps": 2.5}, "save_steps", []),
@@ -265,6 +264,15 @@ def test_cross_key_rules_name_both_keys(tmp_path, capsys, keys, key, named):
     assert key in found, found
     for other in [key, *named]:
         assert f"`{other}" in found[key], (other, found[key])
+
+
+def test_lora_keys_without_an_adapter_warn_naming_both(tmp_path, capsys):
+    """A warning, not an error: `adapter=null` on the command line turns a LoRA preset into full
+    fine-tuning, and the preset's lora_* keys cannot be unset from there."""
+    base = {k: v for k, v in BASE.items() if k != "adapter"}
+    code, doc = validate_json(tmp_path, _merge(base, {"lora_r": 8}), capsys)
+    assert code == 0, doc["problems"]
+    assert any("`lora_r`" in w and "`adapter" in w for w in doc["warnings"]), doc["warnings"]
 
 
 def test_per_epoch_counts_and_batch_size_become_ebft_keys(tmp_path, capsys):
