@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +65,16 @@ def validate_json(tmp_path: Path, cfg: dict[str, Any], capsys) -> tuple[int, dic
     """`python -m ebft_engine validate CONFIG --json`, in-process (540 subprocesses would take minutes)."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    for name in ("rows.jsonl", "held.jsonl"):  # validate reads the data files a config names
+        (tmp_path / name).write_text('{"input": "q", "output": "a"}\n')
     capsys.readouterr()
     args = argparse.Namespace(config=str(path), overrides=[], json=True, write_resolved=None, explain=None)
-    code = validate_command.run(args)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # where the relative paths of BASE and the samples point
+    try:
+        code = validate_command.run(args)
+    finally:
+        os.chdir(cwd)
     return code, json.loads(capsys.readouterr().out)
 
 
