@@ -174,7 +174,13 @@ def run(argv: list[str] | None = None) -> tuple[str, dict]:
         cfg = load_config(args.preset, overrides)
         if cfg.mode != "structured":
             raise SystemExit(f"{args.preset}: ebft.mode is {cfg.mode!r}; this bench needs a structured config")
-        server, url = start_server(args.preset, overrides, work / "server.log", env, timeout)
+        # As `ebft run` does: one token for server and trainers, and the server's run dir holds the
+        # trainers' run dirs (it loads adapters only from inside its own).
+        from ebft_engine.rollout.auth import TOKEN_ENV, new_token
+
+        env[TOKEN_ENV] = new_token()
+        server, url = start_server(args.preset, [*overrides, f"output_dir={work}"], work / "server.log", env,
+                                   timeout)
         env["EBFT_SERVER_URL"] = url
         runs: dict[str, list[dict]] = {"sync": [], "async": []}
         try:
